@@ -1,0 +1,254 @@
+"""Typed configuration and the one command-line parser every ehrlong entry point uses.
+
+Three layers, later wins (DESIGN.md §7.1):
+
+1. defaults in the dataclasses below;
+2. a named preset, `config=NAME` -> `configs/NAME.yaml`, holding only overrides;
+3. `key=value` arguments, dotted for nested groups (`trainer.max_steps=20`).
+
+`config=list` prints the presets, one line each. Unknown keys and values of the wrong type fail with
+the valid options listed. Values are parsed as YAML scalars (`true`, `null`, `1e-3`, `[1, 2]`), then
+checked against the field's type by OmegaConf. A list field also takes repeated keys
+(`run=a run=b`) or commas (`lengths=1024,4096`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ehrlong.errors import ConfigError
+
+T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESETS_DIR = REPO_ROOT / "configs"
+TOKENIZERS_DIR = REPO_ROOT / "tokenizers"
+
+__all__ = [
+    "MISSING",
+    "PRESETS_DIR",
+    "SyntheticConfig",
+    "DataConfig",
+    "TrainConfig",
+    "parse",
+    "list_presets",
+    "flat_keys",
+    "to_flat_dict",
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Knobs shared by several commands
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded synthetic cohort (ehrlong.data.synthetic). Each dial moves one EHR property."""
+
+    n_subjects: int = 1000
+    seed: int = 0
+    copy_forward: float = 0.5  # share of a visit's diagnoses re-recorded from earlier visits (repetition)
+    irregularity: float = 0.5  # dispersion of inter-visit gaps at a fixed mean gap (irregular time)
+    progression: float = 0.5  # growth of events per visit and complication rate over time
+
+
+@dataclass
+class DataConfig:
+    """Where events come from and how they become tokens."""
+
+    root: str | None = None  # a MEDS root; null = the embedded synthetic cohort (generated on first use)
+    tokenizer: str = "cehr"  # a recipe in tokenizers/ (NAME.yaml) or a path to a recipe YAML
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `python -m ehrlong.train` reads. Backbone groups are filled in by the training core."""
+
+    config_name: str = "default"  # set from config=NAME; names the run directory and the MLflow tag
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------------
+
+
+def list_presets(presets_dir: Path = PRESETS_DIR) -> list[tuple[str, str]]:
+    """(name, one-line description) for every preset; the description is the file's first comment."""
+    out = []
+    for path in sorted(presets_dir.glob("*.yaml")):
+        first = path.read_text().splitlines()[:1]
+        desc = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        out.append((path.stem, desc))
+    return out
+
+
+def flat_keys(schema: type) -> dict[str, Any]:
+    """Dotted key -> type annotation for every leaf field of a dataclass schema."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            for k, v in flat_keys(tp).items():
+                out[f"{f.name}.{k}"] = v
+        else:
+            out[f.name] = tp
+    return out
+
+
+def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """A resolved config as {dotted.key: value}: MLflow params, run summaries."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(to_flat_dict(v, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = v
+    return out
+
+
+def _is_list(tp: Any) -> bool:
+    if typing.get_origin(tp) in (list, Sequence):
+        return True
+    return any(_is_list(a) for a in typing.get_args(tp) if a is not type(None))
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _unknown_key(key: str, valid: dict[str, Any], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    listing = ", ".join(valid)
+    return ConfigError(f"unknown config key {key!r} {where}.{hint} Valid keys: {listing}.")
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _check_keys(tree: dict[str, Any], valid: dict[str, Any], where: str, prefix: str = "") -> None:
+    groups = {k.rsplit(".", 1)[0] for k in valid if "." in k}
+    for k, v in tree.items():
+        key = prefix + k
+        if isinstance(v, dict) and key in groups:
+            _check_keys(v, valid, where, key + ".")
+        elif key not in valid:
+            raise _unknown_key(key, valid, where)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def parse(
+    schema: type[T],
+    argv: Sequence[str],
+    presets_dir: Path | None = None,
+    prog: str = "ehrlong",
+) -> T:
+    """Parse `config=NAME key=value ...` into a validated instance of `schema`.
+
+    `presets_dir=None` means the command has no presets (`config=` is then an error).
+    """
+    valid = flat_keys(schema)
+    preset: str | None = None
+    values: dict[str, Any] = {}
+    for arg in argv:
+        if arg in ("-h", "--help", "help"):
+            print(usage(schema, prog, presets_dir))
+            sys.exit(0)
+        key, sep, raw = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                f"argument {arg!r} is not of the form key=value. Usage: {prog} "
+                f"{'config=NAME ' if presets_dir else ''}key=value ... ({prog} --help lists the keys)."
+            )
+        if key == "config" and presets_dir is not None and "config" not in valid:
+            preset = raw
+            continue
+        if key not in valid:
+            raise _unknown_key(key, valid, f"on the command line of {prog}")
+        value = _parse_value(raw)
+        if _is_list(valid[key]):
+            items = value if isinstance(value, list) else [_parse_value(x) for x in str(raw).split(",")]
+            values.setdefault(key, []).extend(items)
+        else:
+            values[key] = value
+
+    if preset == "list":
+        for name, desc in list_presets(presets_dir):
+            print(f"{name:28s} {desc}")
+        sys.exit(0)
+
+    cfg = OmegaConf.structured(schema)
+    try:
+        if preset is not None:
+            path = presets_dir / f"{preset}.yaml"
+            if not path.is_file():
+                names = ", ".join(n for n, _ in list_presets(presets_dir)) or "(none)"
+                raise ConfigError(
+                    f"no preset named {preset!r} (looked for {path}). Valid presets: {names}. "
+                    f"`{prog} config=list` describes them."
+                )
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"preset {path} must be a YAML mapping of overrides, got {type(loaded).__name__}.")
+            _check_keys(loaded, valid, f"in preset {path}")
+            cfg = OmegaConf.merge(cfg, loaded)
+            if "config_name" in valid:
+                cfg = OmegaConf.merge(cfg, {"config_name": preset})
+        if values:
+            cfg = OmegaConf.merge(cfg, _nest(values))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(
+                f"{prog} needs {', '.join(f'{m}=...' for m in missing)}; "
+                f"e.g. `{prog} {' '.join(f'{m}=VALUE' for m in missing)}`."
+            )
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        tp = valid.get(key)
+        expected = f" (expected {_type_name(tp)})" if tp is not None else ""
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"bad value for config key {key!r}{expected}: {first_line}.") from None
+
+
+def usage(schema: type, prog: str, presets_dir: Path | None = None) -> str:
+    defaults = to_flat_dict(schema())
+    lines = [f"usage: {prog} {'config=NAME ' if presets_dir else ''}[key=value ...]", "", "keys (default):"]
+    for key, tp in flat_keys(schema).items():
+        default = defaults.get(key)
+        shown = "(required)" if default == MISSING else repr(default)
+        lines.append(f"  {key:34s} {_type_name(tp):18s} {shown}")
+    if presets_dir is not None:
+        lines += ["", f"presets: {prog} config=list"]
+    return "\n".join(lines)
