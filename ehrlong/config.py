@@ -15,6 +15,7 @@ checked against the field's type by OmegaConf. A list field also takes repeated 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import sys
 import typing
@@ -40,6 +41,14 @@ __all__ = [
     "PRESETS_DIR",
     "SyntheticConfig",
     "DataConfig",
+    "ModelConfig",
+    "MambaConfig",
+    "TransformerConfig",
+    "RopeConfig",
+    "OptimConfig",
+    "BatchConfig",
+    "TrainerConfig",
+    "TrackingConfig",
     "TrainConfig",
     "parse",
     "list_presets",
@@ -73,13 +82,129 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Width and depth; null = taken from the size table of the chosen backbone (`size=`)."""
+
+    d_model: int | None = None
+    n_layers: int | None = None
+    dropout: float = 0.0
+    tie_embeddings: bool = True  # LM head shares the token embedding matrix
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more time
+
+
+@dataclass
+class MambaConfig:
+    """Mamba-1 block knobs (Gu & Dao 2023; mamba-130m is d_model 768, 24 layers, d_state 16)."""
+
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None  # null = ceil(d_model / 16), as in mamba_ssm
+    kernels: str = "auto"  # auto (mamba-ssm on CUDA when importable) | torch (the chunked CPU scan always)
+    scan_chunk: int = 16  # chunked CPU scan: tokens per local scan (research/proto_mamba_scan.md sweep)
+    scan_segment: int = 128  # tokens whose states are recomputed together in backward
+
+
+@dataclass
+class TransformerConfig:
+    """Llama-style decoder knobs (transformers' Llama blocks)."""
+
+    n_heads: int | None = None  # null = from the size table
+    n_kv_heads: int | None = None  # null = n_heads (no grouped-query attention)
+    ffn_dim: int | None = None  # null = 4 * d_model
+    attn_implementation: str = "sdpa"  # sdpa | eager
+
+
+@dataclass
+class RopeConfig:
+    """Rotary positions. `type` is a transformers rope type, passed through `rope_parameters`."""
+
+    type: str = "default"  # default | linear | dynamic | yarn | llama3 (transformers rope types)
+    theta: float = 10000.0
+    factor: float | None = None  # context extension factor (e.g. 4.0: trained at 4k, run at 16k)
+    original_context_length: int | None = None  # trained length, for yarn / llama3 / longrope / dynamic
+    beta_fast: float | None = None  # yarn
+    beta_slow: float | None = None  # yarn
+    low_freq_factor: float | None = None  # llama3
+    high_freq_factor: float | None = None  # llama3
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay, linear warmup then cosine decay, stepped per optimizer step."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1  # not applied to norms, biases and embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine floor as a share of lr
+    grad_clip: float = 1.0
+
+
+@dataclass
+class BatchConfig:
+    """How windows of the token store become batches."""
+
+    tokens_per_step: int = 32768  # optimizer step budget; micro-batches are accumulated up to it
+    tokens_per_micro_batch: int = 16384  # one forward/backward; padding counts against it
+    val_windows: str = "last"  # last (the last L tokens of each tuning subject) | stride
+    num_workers: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer arguments (reachable as trainer.*)."""
+
+    max_steps: int = 200
+    max_epochs: int | None = None
+    accelerator: str = "auto"
+    devices: str = "auto"  # "auto", a count like "2", or a list like "[0,1]"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str | None = None  # null = bf16-mixed on CUDA, 32-true on CPU
+    val_check_interval: int | None = None  # validate every N optimizer steps; null = at the end only
+    log_every_n_steps: int = 5
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. tracking_uri null = $MLFLOW_TRACKING_URI, else a local sqlite store inside the runs folder."""
+
+    tracking_uri: str | None = None
+    experiment: str = "ehrlong"
+    enabled: bool = True
+
+
 @dataclass
 class TrainConfig:
-    """Everything `python -m ehrlong.train` reads. Backbone groups are filled in by the training core."""
+    """Everything `python -m ehrlong.train` reads."""
 
     config_name: str = "default"  # set from config=NAME; names the run directory and the MLflow tag
+    backbone: str = "mamba"  # a name in ehrlong.backbones.BACKBONES
+    size: str = "tiny"  # tiny (trains on a 2-core CPU) | small | base (Context Clues scale, ~110-130M)
+    context_length: int = 1024  # L: tokens per training window
     seed: int = 0
+    resume: str | None = None  # a run directory to continue at the same step and data position
+    checkpoint_every: int = 50  # optimizer steps between checkpoints/last.ckpt (what resume restarts from)
+    runs_dir: str | None = None  # null = $EHRLONG_RUNS or ./runs
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,9 +288,11 @@ def _check_keys(tree: dict[str, Any], valid: dict[str, Any], where: str, prefix:
 
 def _parse_value(raw: str) -> Any:
     try:
-        return yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         return raw
+    # YAML reads 2024-06-01 as a date; ehrlong takes dates as strings and parses them where they are used.
+    return raw if isinstance(value, (datetime.date, datetime.datetime)) else value
 
 
 def parse(

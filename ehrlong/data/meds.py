@@ -52,8 +52,10 @@ def data_files(root: str | Path) -> list[Path]:
         )
     files = sorted(data_dir.rglob("*.parquet"))
     if not files:
+        others = sorted(p for p in data_dir.rglob("*") if p.is_file())
+        found = f" It holds {len(others)} other files (e.g. {others[0]})." if others else " It is empty."
         raise DataError(
-            f"{data_dir} holds no .parquet files. MEDS events live in data/**/*.parquet "
+            f"{data_dir} holds no .parquet files.{found} MEDS events live in data/**/*.parquet "
             f"(e.g. data/train/0.parquet); check the path or re-run the ETL that should have written them."
         )
     return files
@@ -64,25 +66,70 @@ def has_text_value(root: str | Path) -> bool:
     return TEXT_VALUE in pl.read_parquet_schema(data_files(root)[0])
 
 
-def scan_events(root: str | Path, with_text: bool = True) -> pl.LazyFrame:
+def scan_shard(path: str | Path, with_text: bool = True) -> pl.LazyFrame:
+    """One shard's core columns in EVENT_SCHEMA, in file order; absent optional columns come back null."""
+    lf = pl.scan_parquet(path)
+    names = lf.collect_schema().names()
+    cols = [pl.col(c) for c in (SUBJECT_ID, TIME, CODE) if c in names]
+    optional = (NUMERIC_VALUE, TEXT_VALUE) if with_text else (NUMERIC_VALUE,)
+    cols += [pl.col(c) if c in names else pl.lit(None).alias(c) for c in optional]
+    return lf.select(cols).cast({c: EVENT_SCHEMA[c] for c in (*CORE_COLUMNS, *optional[1:])})
+
+
+def out_of_order() -> pl.Expr:
+    """Per row: True where the row breaks MEDS order after the row before it.
+
+    MEDS order (meds.DataSchema docs): a subject's rows are contiguous within a shard and sorted by time;
+    we also want static (null-time) rows first, as the MEDS ETLs write them. A row is out of order when
+    it goes back in time within its subject, or starts a subject that appeared earlier in the shard.
+    """
+    sid, t = pl.col(SUBJECT_ID), pl.col(TIME)
+    same_subject = sid == sid.shift(1)
+    time_goes_back = (t < t.shift(1)) | (t.is_null() & t.shift(1).is_not_null())
+    subject_returns = (sid != sid.shift(1)) & ~sid.is_first_distinct()
+    return ((same_subject & time_goes_back) | subject_returns).fill_null(False)
+
+
+def _sort(events: pl.LazyFrame) -> pl.LazyFrame:
+    return events.sort([SUBJECT_ID, TIME], nulls_last=False, maintain_order=True)
+
+
+def _in_meds_order(shards: list[pl.LazyFrame]) -> list[pl.LazyFrame]:
+    """The shards, each sorted only if it is out of order; one global sort if subjects span shards."""
+    checks = pl.collect_all(
+        [
+            s.select(out_of_order().any().alias("unsorted"), pl.col(SUBJECT_ID).unique().implode())
+            for s in shards
+        ]
+    )
+    ids = pl.concat([c[SUBJECT_ID][0] for c in checks])
+    # A subject in two shards breaks MEDS (validate warns); only a global sort makes its events contiguous.
+    if ids.is_duplicated().any():
+        return [_sort(pl.concat(shards, how="vertical"))]
+    return [_sort(s) if c["unsorted"][0] else s for s, c in zip(shards, checks, strict=True)]
+
+
+def scan_events(root: str | Path, with_text: bool = True, sort: bool = True) -> pl.LazyFrame:
     """All events as a LazyFrame with the core columns (and `text_value`, null when absent), in EVENT_SCHEMA.
 
-    Shards are concatenated in path order; MEDS keeps each subject in one shard, sorted by time.
+    With `sort=True` (the default) every consumer gets MEDS order even when the files are not in it:
+    each subject's events are contiguous, static (null-time) events first, then by time; events that
+    share a timestamp keep their file order. Subjects come in shard path order and, within a shard, in
+    file order (by subject_id for a shard that had to be sorted, and throughout when a subject spans
+    shards, which MEDS forbids). MEDS ETLs write shards in this order, so this costs one read of
+    subject_id and time, and a sort only where a shard needs it (sorting 10M events is several times
+    slower than reading them). `python -m ehrlong.data validate` says which shards were out of order.
+    `sort=False` returns the shards as they are on disk, in path order.
     """
-    frames = []
-    for path in data_files(root):
-        lf = pl.scan_parquet(path)
-        names = lf.collect_schema().names()
-        cols = [pl.col(c) for c in CORE_COLUMNS if c in names]
-        if NUMERIC_VALUE not in names:
-            cols.append(pl.lit(None, dtype=pl.Float32).alias(NUMERIC_VALUE))
-        if with_text:
-            cols.append(pl.col(TEXT_VALUE) if TEXT_VALUE in names else pl.lit(None, dtype=pl.String).alias(TEXT_VALUE))
-        frames.append(lf.select(cols).cast({k: v for k, v in EVENT_SCHEMA.items() if with_text or k != TEXT_VALUE}))
-    return pl.concat(frames, how="vertical")
+    shards = [scan_shard(path, with_text) for path in data_files(root)]
+    if sort:
+        shards = _in_meds_order(shards)
+    return pl.concat(shards, how="vertical")
 
 
-def hash_splits(subject_ids: np.ndarray, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), salt: int = 0) -> np.ndarray:
+def hash_splits(
+    subject_ids: np.ndarray, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), salt: int = 0
+) -> np.ndarray:
     """Deterministic split per subject from a hash of its id (stable across runs, machines, versions).
 
     Uses the splitmix64 finaliser rather than polars' hash, whose values may change between releases.
@@ -108,11 +155,20 @@ def read_splits(root: str | Path) -> pl.DataFrame:
     root = Path(root)
     path = root / meds.subject_splits_filepath
     if path.is_file():
-        splits = pl.read_parquet(path, columns=[SUBJECT_ID, SPLIT]).cast({SUBJECT_ID: pl.Int64, SPLIT: pl.String})
+        splits = pl.read_parquet(path, columns=[SUBJECT_ID, SPLIT]).cast(
+            {SUBJECT_ID: pl.Int64, SPLIT: pl.String}
+        )
         return splits.unique(SUBJECT_ID, keep="first", maintain_order=True)
-    ids = scan_events(root, with_text=False).select(pl.col(SUBJECT_ID).unique()).collect()[SUBJECT_ID].to_numpy()
+    ids = (
+        scan_events(root, with_text=False, sort=False)
+        .select(pl.col(SUBJECT_ID).unique())
+        .collect()[SUBJECT_ID]
+        .to_numpy()
+    )
     ids = np.sort(ids)
-    return pl.DataFrame({SUBJECT_ID: ids, SPLIT: hash_splits(ids)}, schema={SUBJECT_ID: pl.Int64, SPLIT: pl.String})
+    return pl.DataFrame(
+        {SUBJECT_ID: ids, SPLIT: hash_splits(ids)}, schema={SUBJECT_ID: pl.Int64, SPLIT: pl.String}
+    )
 
 
 def read_dataset_metadata(root: str | Path) -> dict:
@@ -123,7 +179,9 @@ def read_dataset_metadata(root: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e}). Fix or delete it; it is optional in MEDS.") from None
+        raise DataError(
+            f"{path} is not valid JSON ({e}). Fix or delete it; it is optional in MEDS."
+        ) from None
 
 
 def dataset_name(root: str | Path) -> str:

@@ -1,0 +1,180 @@
+"""Windows of the token store -> token-budget micro-batches -> `EventBatch`.
+
+A *window* is a slice [start, end) of one subject's tokens, at most L long. Training covers each
+subject's timeline with consecutive windows aligned to its end (the last window always holds the most
+recent L tokens, the part a prediction at the end of the record would see). Windows are packed into
+micro-batches whose padded size B x T_max stays within a token budget; packing windows of similar
+length together keeps padding small (the issue asks <= 10% on the synthetic cohort).
+
+The plan is a pure function of (store, L, budget, seed, epoch), so `resume` can skip exactly the
+micro-batches already consumed: position = global_step * micro_batches_per_step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class EventBatch:
+    """DESIGN.md §3: tokens [B, T] int, times [B, T] float (days since the subject's first event),
+    mask [B, T] bool (False on padding, always at the right end of a row)."""
+
+    tokens: torch.Tensor
+    times: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor | None = None
+    # Next-token targets in the whole optimizer step this micro-batch belongs to: the loss is normalised
+    # by it, so every target weighs the same however the step's windows are spread over micro-batches.
+    step_targets: int = 0
+    # Position of each row's first token within its subject's timeline (for perplexity by position).
+    offsets: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> EventBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return EventBatch(
+            move(self.tokens), move(self.times), move(self.mask), move(self.labels), self.step_targets, move(self.offsets)
+        )
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def subject_windows(offsets: np.ndarray, subjects: np.ndarray, length: int) -> np.ndarray:
+    """[n_windows, 3] int64 rows (subject index, start, end) covering each subject end-aligned in chunks of `length`.
+
+    `offsets` are the store's per-subject token offsets; start/end are absolute positions in the flat arrays.
+    """
+    starts, ends = offsets[subjects], offsets[subjects + 1]
+    n_tokens = ends - starts
+    per_subject = np.maximum(1, -(-n_tokens // length))  # ceil; a subject with 0 tokens still gets 0 windows below
+    per_subject[n_tokens == 0] = 0
+    subj = np.repeat(subjects, per_subject)
+    # k-th window from the end of its subject: [end - (k+1)L, end - kL), clipped at the subject start.
+    first = np.repeat(np.cumsum(per_subject) - per_subject, per_subject)
+    k = np.arange(len(subj)) - first
+    end = np.repeat(ends, per_subject) - k * length
+    start = np.maximum(end - length, np.repeat(starts, per_subject))
+    return np.stack([subj, start, end], axis=1).astype(np.int64)
+
+
+def pack(lengths: np.ndarray, budget: int, order: np.ndarray) -> list[np.ndarray]:
+    """Greedy packing of windows (visited in `order`, longest first within each run) into micro-batches
+    with len(batch) * max_length <= budget. Returns arrays of window indices."""
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        n = int(lengths[i])
+        if current and (len(current) + 1) * max(longest, n) > budget:
+            batches.append(np.asarray(current))
+            current, longest = [], 0
+        current.append(int(i))
+        longest = max(longest, n)
+    if current:
+        batches.append(np.asarray(current))
+    return batches
+
+
+def plan_epoch(windows: np.ndarray, budget: int, seed: int, epoch: int, pool: int = 256) -> list[np.ndarray]:
+    """Shuffled, length-grouped micro-batches for one epoch (fairseq-style: shuffle, then sort by length
+    inside pools of `pool` windows, pack, and shuffle the batches)."""
+    rng = np.random.default_rng([seed, epoch])
+    lengths = windows[:, 2] - windows[:, 1]
+    perm = rng.permutation(len(windows))
+    order = np.concatenate(
+        [perm[i : i + pool][np.argsort(-lengths[perm[i : i + pool]], kind="stable")] for i in range(0, len(perm), pool)]
+    ) if len(perm) else perm
+    batches = pack(lengths, budget, order)
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def padding_waste(windows: np.ndarray, batches: list[np.ndarray]) -> float:
+    """Share of padded positions among all positions of the planned micro-batches."""
+    lengths = windows[:, 2] - windows[:, 1]
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    return 1.0 - lengths.sum() / padded if padded else 0.0
+
+
+def collate(
+    tokens: np.ndarray,
+    times: np.ndarray,
+    offsets: np.ndarray,
+    windows: np.ndarray,
+    rows: np.ndarray,
+    step_targets: int = 0,
+) -> EventBatch:
+    """Gather `windows[rows]` from the flat store arrays into a right-padded EventBatch."""
+    sel = windows[rows]
+    lengths = sel[:, 2] - sel[:, 1]
+    B, T = len(sel), int(lengths.max())
+    tok = np.zeros((B, T), dtype=np.int64)
+    tim = np.zeros((B, T), dtype=np.float32)
+    mask = np.arange(T)[None, :] < lengths[:, None]
+    for r, (subj, start, end) in enumerate(sel):
+        n = end - start
+        tok[r, :n] = tokens[start:end]
+        # Days since the subject's first token, so the model never sees absolute calendar time.
+        tim[r, :n] = times[start:end] - times[offsets[subj]]
+    return EventBatch(
+        tokens=torch.from_numpy(tok),
+        times=torch.from_numpy(tim),
+        mask=torch.from_numpy(mask),
+        step_targets=step_targets,
+        offsets=torch.from_numpy(sel[:, 1] - offsets[sel[:, 0]]),
+    )
+
+
+class TrainBatches(torch.utils.data.IterableDataset):
+    """Endless stream of training micro-batches, epoch after epoch, starting at micro-batch `start`.
+
+    Each group of `per_step` consecutive micro-batches forms one optimizer step and carries that step's
+    number of next-token targets (see EventBatch.step_targets).
+    """
+
+    def __init__(self, store, split: str, length: int, budget: int, per_step: int, seed: int, start: int = 0):
+        super().__init__()
+        self.tokens, self.times, self.offsets = store.tokens, store.times, store.offsets
+        self.windows = subject_windows(self.offsets, store.split_indices(split), length)
+        if len(self.windows) == 0:
+            raise ValueError(f"the {split} split of the token store has no tokens to train on")
+        self.budget, self.per_step, self.seed, self.start = budget, per_step, seed, start
+
+    def micro_batches(self) -> Iterator[np.ndarray]:
+        epoch = 0
+        while True:
+            yield from plan_epoch(self.windows, self.budget, self.seed, epoch)
+            epoch += 1
+
+    def __iter__(self) -> Iterator[EventBatch]:
+        lengths = self.windows[:, 2] - self.windows[:, 1]
+        stream = self.micro_batches()
+        for _ in range(self.start):  # resume: skip what earlier steps consumed (cheap: no gathering)
+            next(stream)
+        while True:
+            group = [next(stream) for _ in range(self.per_step)]
+            step_targets = int(sum(np.maximum(lengths[g] - 1, 0).sum() for g in group))
+            for rows in group:
+                yield collate(self.tokens, self.times, self.offsets, self.windows, rows, step_targets)
+
+
+class EvalBatches(torch.utils.data.Dataset):
+    """Every token of a split exactly once, in end-aligned windows of length L (validation)."""
+
+    def __init__(self, store, split: str, length: int, budget: int):
+        self.tokens, self.times, self.offsets = store.tokens, store.times, store.offsets
+        self.windows = subject_windows(self.offsets, store.split_indices(split), length)
+        lengths = self.windows[:, 2] - self.windows[:, 1]
+        self.batches = pack(lengths, budget, np.argsort(-lengths, kind="stable"))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> EventBatch:
+        rows = self.batches[i]
+        n = int(np.maximum(self.windows[rows, 2] - self.windows[rows, 1] - 1, 0).sum())
+        return collate(self.tokens, self.times, self.offsets, self.windows, rows, step_targets=n)

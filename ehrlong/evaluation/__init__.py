@@ -1,0 +1,1 @@
+"""Evaluation: labels, frozen representations, probes, metrics with bootstrap CIs, and EHR strata."""

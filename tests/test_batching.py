@@ -1,0 +1,115 @@
+"""Windows, token-budget packing, resumable training streams, and the loss normalisation they feed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
+import torch
+
+from ehrlong.data.batching import (
+    EvalBatches,
+    TrainBatches,
+    collate,
+    padding_waste,
+    plan_epoch,
+    subject_windows,
+)
+
+
+@dataclass
+class FakeStore:
+    """The slice of the TokenStore interface batching uses."""
+
+    tokens: np.ndarray
+    times: np.ndarray
+    offsets: np.ndarray
+    split_of: np.ndarray
+
+    def split_indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split_of == split)
+
+
+def fake_store(lengths: list[int], seed: int = 0) -> FakeStore:
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = rng.integers(1, 100, offsets[-1]).astype(np.int32)
+    times = np.concatenate([np.sort(rng.uniform(0, 1000, n)) + 18000 for n in lengths])
+    split_of = np.array(["train" if i % 5 else "tuning" for i in range(len(lengths))])
+    return FakeStore(tokens, times, offsets, split_of)
+
+
+def test_windows_cover_every_token_once_end_aligned():
+    store = fake_store([1, 5, 10, 23, 0, 7])
+    subjects = np.arange(6)
+    w = subject_windows(store.offsets, subjects, length=8)
+    covered = np.zeros(store.offsets[-1], dtype=int)
+    for subj, start, end in w:
+        assert store.offsets[subj] <= start < end <= store.offsets[subj + 1]
+        assert end - start <= 8
+        covered[start:end] += 1
+    assert (covered == 1).all()
+    # The window holding a subject's last token is a full L (or the whole subject): most recent context.
+    last = {int(s): (int(a), int(b)) for s, a, b in w if b == store.offsets[s + 1]}
+    assert last[3] == (store.offsets[4] - 8, store.offsets[4])
+    assert 4 not in {int(s) for s in w[:, 0]}  # no tokens, no window
+
+
+def test_packing_respects_budget_and_wastes_little():
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.lognormal(8, 1, 400).astype(int) + 1, 4096).tolist()
+    store = fake_store(lengths)
+    w = subject_windows(store.offsets, np.arange(len(lengths)), 4096)
+    batches = plan_epoch(w, budget=16384, seed=0, epoch=0)
+    sizes = w[:, 2] - w[:, 1]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(w)))  # every window exactly once
+    assert all(len(b) * sizes[b].max() <= 16384 for b in batches)
+    assert padding_waste(w, batches) <= 0.10
+
+
+def test_plan_is_deterministic_and_epochs_differ():
+    store = fake_store([50] * 40)
+    w = subject_windows(store.offsets, np.arange(40), 16)
+    a = plan_epoch(w, 64, seed=1, epoch=0)
+    b = plan_epoch(w, 64, seed=1, epoch=0)
+    c = plan_epoch(w, 64, seed=1, epoch=1)
+    assert all((x == y).all() for x, y in zip(a, b, strict=True))
+    assert any(not np.array_equal(x, y) for x, y in zip(a, c, strict=False))
+
+
+def test_collate_pads_right_and_times_are_relative_to_first_event():
+    store = fake_store([5, 3])
+    w = subject_windows(store.offsets, np.arange(2), 8)
+    batch = collate(store.tokens, store.times, store.offsets, w, np.array([0, 1]))
+    assert batch.tokens.shape == (2, 5)
+    assert batch.mask.tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    assert (batch.tokens[1, 3:] == 0).all()
+    np.testing.assert_allclose(batch.times[1, :3].numpy(), store.times[5:8] - store.times[5], rtol=1e-6)
+    assert batch.times[0, 0] == 0
+
+
+def test_resume_position_reproduces_the_stream():
+    store = fake_store([37, 80, 12, 64, 5, 90, 33, 41, 70, 22, 15, 60])
+    full = TrainBatches(store, "train", length=16, budget=48, per_step=2, seed=7)
+    first = list(islice(iter(full), 30))
+    resumed = TrainBatches(store, "train", length=16, budget=48, per_step=2, seed=7, start=10)
+    again = list(islice(iter(resumed), 20))
+    for x, y in zip(first[10:], again, strict=True):
+        assert torch.equal(x.tokens, y.tokens) and x.step_targets == y.step_targets
+
+
+def test_step_targets_count_the_whole_step():
+    store = fake_store([37, 80, 12, 64, 5, 90, 33, 41, 70, 22, 15, 60])
+    stream = iter(TrainBatches(store, "train", length=16, budget=48, per_step=3, seed=0))
+    group = [next(stream) for _ in range(3)]
+    targets = sum(int((b.mask.sum(1) - 1).clamp(min=0).sum()) for b in group)
+    assert all(b.step_targets == targets for b in group)
+
+
+def test_eval_batches_cover_the_split_once():
+    store = fake_store([37, 80, 12, 64, 5, 90, 33, 41, 70, 22, 15, 60])
+    ev = EvalBatches(store, "tuning", length=16, budget=48)
+    n = sum(int(ev[i].mask.sum()) for i in range(len(ev)))
+    tuning = store.split_indices("tuning")
+    assert n == int(sum(store.offsets[s + 1] - store.offsets[s] for s in tuning))

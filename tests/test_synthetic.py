@@ -1,0 +1,213 @@
+"""The synthetic cohort (ehrlong.data.synthetic): real MEDS, reproducible, each dial moving its stratum
+and only that one, labels consistent with the events and carried only by their intended signals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import meds
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from ehrlong.config import SyntheticConfig
+from ehrlong.data import synthetic
+from ehrlong.data.__main__ import main as data_main
+from ehrlong.data.meds import SPLITS, scan_events
+from ehrlong.data.synthetic import (
+    BASELINE_VISITS,
+    CREATININE,
+    FAMILY_HISTORY_CHD,
+    HBA1C,
+    TASKS,
+    TOBACCO,
+    build_vocabulary,
+    cohort_name,
+    ensure_cohort,
+    generate,
+    generate_subject,
+)
+from ehrlong.data.validate import validate
+from ehrlong.errors import ConfigError, DataError
+from ehrlong.evaluation.strata import meds_strata, strata
+
+CFG = SyntheticConfig(n_subjects=60, seed=3)
+DIALS = ("copy_forward", "irregularity", "progression")
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic") / "cohort"
+    generate(CFG, root, progress=False)
+    return root
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _events(root: Path) -> pl.DataFrame:
+    return scan_events(root).collect()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output format
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path: Path):
+    cfg = SyntheticConfig(n_subjects=12, seed=5)
+    generate(cfg, tmp_path / "a", progress=False)
+    generate(cfg, tmp_path / "b", progress=False)
+    generate(dataclasses.replace(cfg, seed=6), tmp_path / "c", progress=False)
+    a, b, c = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
+    assert a == b
+    shards = [f for f in a if f.startswith("data/")]
+    assert shards and all(a[f] != c.get(f) for f in shards)
+    assert a["labels/lung_cancer.parquet"] != c["labels/lung_cancer.parquet"]
+
+
+def test_output_is_valid_meds(cohort: Path):
+    shards = sorted((cohort / "data").rglob("*.parquet"))
+    assert {p.parent.name for p in shards} <= set(SPLITS)
+    shard_of = {}
+    for path in shards:
+        table = pq.read_table(path)
+        meds.DataSchema.validate(table)
+        assert table.schema.field("text_value").type == meds.DataSchema.schema().field("text_value").type
+        for sid in set(table["subject_id"].to_pylist()):
+            assert sid not in shard_of, "a subject must live in one shard"
+            shard_of[sid] = path.parent.name
+    splits = pq.read_table(cohort / meds.subject_splits_filepath)
+    meds.SubjectSplitSchema.validate(splits)
+    assert dict(zip(splits["subject_id"].to_pylist(), splits["split"].to_pylist(), strict=True)) == shard_of
+    codes = pq.read_table(cohort / meds.code_metadata_filepath)
+    meds.CodeMetadataSchema.validate(codes)
+    assert set(_events(cohort)["code"].unique()) <= set(codes["code"].to_pylist())
+    dataset = json.loads((cohort / meds.dataset_metadata_filepath).read_text())
+    meds.DatasetMetadataSchema.validate(dataset)
+    assert "created_at" not in dataset  # no wall-clock time: the same seed gives the same bytes
+
+    report = validate(cohort)
+    assert report.warnings == [] and not report.was_unsorted
+    assert report.n_subjects == CFG.n_subjects and report.n_static == CFG.n_subjects
+
+
+def test_each_timeline_opens_with_static_sex_then_birth(cohort: Path):
+    firsts = _events(cohort).group_by("subject_id", maintain_order=True).head(2)
+    assert firsts["time"].is_null().to_list()[::2] == [True] * CFG.n_subjects
+    assert firsts["code"].to_list()[::2] == firsts["code"].to_list()[::2]
+    assert set(firsts["code"].to_list()[::2]) <= {"SEX//F", "SEX//M"}
+    assert firsts["code"].to_list()[1::2] == [meds.birth_code] * CFG.n_subjects
+
+
+def test_content_looks_like_an_ehr(cohort: Path):
+    events = _events(cohort)
+    n = events.height
+    assert events["text_value"].is_not_null().sum() / n > 0.4  # MIMIC-IV demo: 53%
+    assert events["numeric_value"].is_not_null().sum() / n > 0.3  # MIMIC-IV demo: 44%
+    codes = set(events["code"].unique())
+    assert {"VISIT//OUTPATIENT", "VISIT//INPATIENT", "HOSPITAL_DISCHARGE", meds.death_code} <= codes
+    assert any(c.startswith("DIAGNOSIS//ICD10CM//") for c in codes)
+    assert any(c.startswith("MEDICATION//") for c in codes)
+    per_timestamp = events.drop_nulls("time").group_by("subject_id", "time").len()["len"]
+    assert per_timestamp.mean() > 5  # visits write many events at one time
+    counts = np.sort(events["code"].value_counts()["count"].to_numpy())[::-1]
+    assert 2000 <= len(build_vocabulary().codes) <= 10000
+    assert counts[: len(counts) // 100].sum() / n > 0.2  # Zipf-like: the top 1% of codes ...
+    assert np.mean(counts <= 2) > 0.1  # ... and a long tail of rare ones
+
+
+def test_default_timelines_need_long_context(cohort: Path):
+    dials = pl.read_parquet(cohort / "metadata" / "subject_dials.parquet")
+    n_events = dials["n_events"]
+    assert n_events.median() > 3000 and (n_events > 16_384).sum() >= 1
+    for name, task in TASKS.items():
+        if task.signal == "early":
+            after = dials[f"{name}_events_after_signal"]
+            assert after.median() > 2000 and (after > 1024).mean() >= 0.9
+    assert dials["problem_codes_reused"].sum() == 0  # the vocabulary is large enough for fresh problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dials
+# ---------------------------------------------------------------------------------------------------
+
+
+def _subjects(**dials: float) -> list[synthetic.Subject]:
+    cfg = SyntheticConfig(n_subjects=40, seed=11, **dials)
+    vocab = build_vocabulary()
+    return [generate_subject(cfg, i, vocab) for i in range(cfg.n_subjects)]
+
+
+def _strata(subjects: list[synthetic.Subject]) -> dict[str, np.ndarray]:
+    offsets = np.cumsum([0] + [len(s.codes) for s in subjects])
+    return strata(
+        np.concatenate([s.codes for s in subjects]),
+        np.concatenate([s.days for s in subjects]),
+        offsets,
+        before=np.array([s.prediction_day for s in subjects]),
+        exclude=[build_vocabulary().index[meds.birth_code]],
+    )
+
+
+def _mean_gap(subject: synthetic.Subject) -> float:
+    days = np.unique(subject.days[~np.isnan(subject.days)])[1:]  # the birth gap is not care
+    return float(np.mean(np.diff(days)))
+
+
+def test_copy_forward_raises_repetition_and_nothing_else():
+    low, high = _subjects(copy_forward=0.2), _subjects(copy_forward=0.8)
+    s_low, s_high = _strata(low), _strata(high)
+    assert np.median(s_high["repetition"]) > np.median(s_low["repetition"]) + 0.1
+    assert np.median(s_high["repetition_1"]) > np.median(s_low["repetition_1"]) + 0.1
+    for a, b in zip(low, high, strict=True):  # copies replace fresh problems: same events, same times
+        np.testing.assert_array_equal(a.days, b.days)
+    np.testing.assert_array_equal(s_low["irregularity"], s_high["irregularity"])
+
+
+def test_irregularity_spreads_gaps_at_the_same_mean_and_nothing_else():
+    low, high = _subjects(irregularity=0.2), _subjects(irregularity=0.8)
+    s_low, s_high = _strata(low), _strata(high)
+    assert np.median(s_high["irregularity"]) > 1.5 * np.median(s_low["irregularity"])
+    mean_low, mean_high = np.mean([_mean_gap(s) for s in low]), np.mean([_mean_gap(s) for s in high])
+    assert mean_high == pytest.approx(mean_low, rel=0.15)
+    for a, b in zip(low, high, strict=True):
+        np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(s_low["repetition"], s_high["repetition"])
+
+
+def test_progression_adds_events_and_nothing_else():
+    low, high = _subjects(progression=0.2), _subjects(progression=0.8)
+    s_low, s_high = _strata(low), _strata(high)
+    assert np.all(s_high["event_count"] >= s_low["event_count"])
+    assert np.median(s_high["event_count"] / s_low["event_count"]) > 1.5
+    # More events, but from panels every subject records anyway: no new n-gram types, same timestamps.
+    np.testing.assert_allclose(s_high["repetition"], s_low["repetition"])
+    np.testing.assert_allclose(s_high["repetition_1"], s_low["repetition_1"])
+    np.testing.assert_allclose(s_high["irregularity"], s_low["irregularity"])
+
+
+def test_dial_at_zero_switches_copy_forward_off():
+    vocab = build_vocabulary()
+    problems = np.concatenate([vocab.general, vocab.complications])
+    for subject in _subjects(copy_forward=0.0)[:10]:
+        assert subject.dials.copy_forward == 0.0
+        listed = subject.codes[np.isin(subject.codes, problems)]
+        assert len(listed) > 100 and len(np.unique(listed)) == len(listed)  # no problem recorded twice
+
+
+def test_dials_file_matches_measured_strata(cohort: Path):
+    labels = pl.read_parquet(cohort / "labels" / "lung_cancer.parquet")
+    dials = pl.read_parquet(cohort / "metadata" / "subject_dials.parquet")
+    measured = meds_strata(scan_events(cohort, with_text=False), labels).join(dials, on="subject_id")
+    stratum = {"repetition": "copy_forward", "irregularity": "irregularity", "event_count": "progression"}
+    for name, own in stratum.items():
+        column = name if name != "irregularity" else "irregularity_right"
+        rho = {d: measured.select(pl.corr(name, d if d != "irregularity" else column, method="spearman")).item() for d in DIALS}
+        rho = {d: measured.select(pl.corr(name, column_of(d, name), method="spearman")).item() for d in DIALS}
+        assert rho[own] >= 0.8, (name, rho)
+        assert all(abs(r) <= 0.3 for d, r in rho.items() if d != own), (name, rho)
