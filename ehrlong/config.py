@@ -152,7 +152,7 @@ class OptimConfig:
 class BatchConfig:
     """How windows of the token store become batches."""
 
-    tokens_per_step: int = 32768  # optimizer step budget; micro-batches are accumulated up to it
+    tokens_per_step: int = 16384  # optimizer step budget; micro-batches are accumulated up to it
     tokens_per_micro_batch: int = 16384  # one forward/backward; padding counts against it
     val_windows: str = "last"  # last (the last L tokens of each tuning subject) | stride
     num_workers: int = 0
@@ -347,7 +347,9 @@ def parse(
                 )
             loaded = yaml.safe_load(path.read_text()) or {}
             if not isinstance(loaded, dict):
-                raise ConfigError(f"preset {path} must be a YAML mapping of overrides, got {type(loaded).__name__}.")
+                raise ConfigError(
+                    f"preset {path} must be a YAML mapping of overrides, got {type(loaded).__name__}."
+                )
             _check_keys(loaded, valid, f"in preset {path}")
             cfg = OmegaConf.merge(cfg, loaded)
             if "config_name" in valid:

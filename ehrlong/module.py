@@ -45,7 +45,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if hidden.shape[0] <= LOSS_CHUNK or not torch.is_grad_enabled():
         return _ce_chunk(hidden, weight, targets)
     parts = [
-        checkpoint(_ce_chunk, hidden[i : i + LOSS_CHUNK], weight, targets[i : i + LOSS_CHUNK], use_reentrant=False)
+        checkpoint(
+            _ce_chunk, hidden[i : i + LOSS_CHUNK], weight, targets[i : i + LOSS_CHUNK], use_reentrant=False
+        )
         for i in range(0, hidden.shape[0], LOSS_CHUNK)
     ]
     return torch.cat(parts)
@@ -132,7 +134,9 @@ class EHRLitModule(L.LightningModule):
     def validation_step(self, batch: EventBatch, batch_idx: int) -> None:
         losses, positions = self.token_losses(batch)
         losses = losses.detach()
-        bucket = torch.bucketize(positions, torch.tensor(self.edges[1:-1], device=positions.device), right=True)
+        bucket = torch.bucketize(
+            positions, torch.tensor(self.edges[1:-1], device=positions.device), right=True
+        )
         self._val_sums += torch.zeros_like(self._val_sums).index_add_(0, bucket.cpu(), losses.double().cpu())
         self._val_counts += torch.bincount(bucket.cpu(), minlength=len(self._val_counts)).double()
 

@@ -55,7 +55,9 @@ def _build(name: str, size: str, length: int, vocab: int, overrides: Sequence[st
 
         s = SIZES[size]
         model = MambaForCausalLM(
-            MambaConfig(vocab_size=vocab, hidden_size=s.d_model, num_hidden_layers=s.n_layers, state_size=16, expand=2)
+            MambaConfig(
+                vocab_size=vocab, hidden_size=s.d_model, num_hidden_layers=s.n_layers, state_size=16, expand=2
+            )
         )
         return lambda tokens: torch.nn.functional.cross_entropy(
             model(input_ids=tokens).logits[0, :-1], tokens[0, 1:]
@@ -77,7 +79,9 @@ def _build(name: str, size: str, length: int, vocab: int, overrides: Sequence[st
     return loss, module
 
 
-def measure_one(name: str, size: str, length: int, vocab: int, batch: int, steps: int, threads: int, overrides) -> dict:
+def measure_one(
+    name: str, size: str, length: int, vocab: int, batch: int, steps: int, threads: int, overrides
+) -> dict:
     """Runs inside the child process: one warm-up step, then `steps` timed forward+backward steps."""
     import torch
 

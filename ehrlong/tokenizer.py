@@ -31,8 +31,11 @@ test holds this vectorised version to it byte for byte.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -85,17 +88,14 @@ class TimeGap:
 
 
 def _cehr_gaps() -> list[TimeGap]:
-    # CEHR-BERT's day / week / month / long-term scheme, coarsened to the buckets the MIMIC-IV demo
-    # populates (research/proto_tokenize_aces.md Part 1, "gaps between consecutive timestamps").
-    return [
-        TimeGap("1D", 1.0),
-        TimeGap("1W", 7.0),
-        TimeGap("1M", 30.0),
-        TimeGap("3M", 90.0),
-        TimeGap("6M", 180.0),
-        TimeGap("1Y", 365.0),
-        TimeGap("LT", 730.0),
-    ]
+    # CEHR-BERT's artificial time tokens (Pang et al., 2021) as the Context Clues ATT models use them
+    # (research/anchor_context_clues.md §2.4): [DAY 1..6], [WEEK 1..4] for 7-29 days (gap // 7),
+    # [MONTH 1..11] for 30-359 days (gap // 30), then [LONG TERM]. hf_ehr puts them between visits;
+    # MEDS has no visit concept, so here they go between timestamps.
+    days = [TimeGap(f"D{d}", d) for d in range(1, 7)]
+    weeks = [TimeGap(f"W{w}", 7 * w) for w in range(1, 5)]
+    months = [TimeGap(f"M{m}", 30 * m) for m in range(1, 12)]
+    return [*days, *weeks, *months, TimeGap("LT", 360)]
 
 
 @dataclass
@@ -159,7 +159,7 @@ def check_recipe(recipe: TokenizerRecipe, where: str = "the tokenizer recipe") -
         raise bad("n_probe_tokens", "must be >= 0")
     days = [g.min_days for g in recipe.time_gaps]
     names = [g.name for g in recipe.time_gaps]
-    if any(d <= 0 for d in days) or any(b <= a for a, b in zip(days, days[1:], strict=False)):
+    if any(d <= 0 for d in days) or any(b <= a for a, b in itertools.pairwise(days)):
         raise ConfigError(f"time_gaps in {where}: min_days must be > 0 and strictly increasing, got {days}.")
     if len(set(names)) != len(names) or not all(names):
         raise ConfigError(f"time_gaps in {where}: names must be non-empty and unique, got {names}.")
@@ -243,7 +243,11 @@ class EventTokenizer:
         texts: Sequence[Sequence[str]],
         fit_stats: dict | None = None,
     ):
-        """`codes` sorted; per code its bin edges (None: no train numerics) and its text values."""
+        """`codes` sorted; per code its bin edges (None: no train numerics) and its text values.
+
+        Edges are put in canonical form here (float32, sorted, unique, no -0.0), so both fit
+        implementations and a loaded tokenizer.json map values, and hash, identically.
+        """
         if list(codes) != sorted(codes) or len(set(codes)) != len(codes):
             raise ValueError("codes must be sorted and unique")
         self.recipe = recipe
@@ -283,7 +287,7 @@ class EventTokenizer:
         self.id_to_token = vocab
         self.token_to_id = {t: i for i, t in enumerate(vocab)}
         if len(self.token_to_id) != len(vocab):
-            dup = sorted({t for t in vocab if vocab.count(t) > 1})[:5]
+            dup = sorted(t for t, n in collections.Counter(vocab).items() if n > 1)[:5]
             raise DataError(
                 f"token names collide: {dup}. A code contains '|Q<k>' or '|=' or is named like a "
                 f"special token; rename those codes in the MEDS data."
@@ -297,9 +301,7 @@ class EventTokenizer:
         for i, e in enumerate(self.edges):
             if e is not None:
                 self._edges_by_rank[: len(e), i] = e
-        self._text_table = pl.DataFrame(
-            text_rows, schema={"vidx": pl.Int32, TEXT_VALUE: pl.String, "token": pl.Int32}, orient="row"
-        )
+        self._text_rows = text_rows
         self._code_index = dict(zip(self.codes, range(n), strict=True))  # code -> index, for replace_strict
 
     @property
@@ -335,10 +337,13 @@ class EventTokenizer:
         check_recipe(recipe)
         ids = pl.Series(SUBJECT_ID, np.asarray(train_subject_ids, dtype=np.int64))
         train = collect_events(events.lazy().filter(pl.col(SUBJECT_ID).is_in(ids.implode())))
-        counts = train.group_by(CODE).agg(pl.len().alias("n"))  # categorical codes: an integer group-by
-        kept = counts.filter(pl.col("n") >= recipe.min_code_count)
-        codes = sorted(kept[CODE].cast(pl.String).to_list())
-        in_vocab = pl.col(CODE).to_physical().is_in(kept[CODE].to_physical().implode())
+        code_ids = train[CODE].to_physical().to_numpy()  # categorical ids: counting is a bincount
+        count_of_id = np.bincount(code_ids)
+        present = train[CODE].unique()
+        counts = count_of_id[present.to_physical().to_numpy()]
+        kept = counts >= recipe.min_code_count
+        codes = sorted(present.filter(kept).cast(pl.String).to_list())
+        in_vocab = pl.Series(count_of_id[code_ids] >= recipe.min_code_count)
         finite = pl.col(NUMERIC_VALUE).is_finite().fill_null(False)
 
         # Edge k at rank floor(k (n-1) / n_bins) of the sorted values: the "lower" quantile, in integers.
@@ -360,16 +365,16 @@ class EventTokenizer:
         edges_of = dict(zip(numeric[CODE].cast(pl.String), numeric[NUMERIC_VALUE].to_list(), strict=True))
         texts_of = {}
         if text:
-            texts_of = dict(zip(text[0][CODE].cast(pl.String), text[0][TEXT_VALUE].to_list(), strict=True))
+            texts = text[0][TEXT_VALUE].cast(pl.List(pl.String)).to_list()
+            texts_of = dict(zip(text[0][CODE].cast(pl.String), texts, strict=True))
 
-        n_train = int(counts["n"].sum())
         stats = {
-            "train_subjects": len(ids),
-            "train_events": n_train,
-            "codes_seen": counts.height,
+            "train_subjects": ids.n_unique(),
+            "train_events": len(code_ids),
+            "codes_seen": len(counts),
             "codes_kept": len(codes),
-            "codes_below_min_count": counts.height - len(codes),
-            "train_events_below_min_count": n_train - int(kept["n"].sum()),
+            "codes_below_min_count": len(counts) - len(codes),
+            "train_events_below_min_count": int(counts[~kept].sum()),
         }
         return cls(
             recipe, codes, [edges_of.get(c) for c in codes], [texts_of.get(c, []) for c in codes], stats
@@ -387,18 +392,8 @@ class EventTokenizer:
         """
         df = collect_events(events)
         report = EncodeReport(n_events=df.height)
-        cols = self._columns(df)
-        if not _in_subject_time_order(cols):
-            report.input_sorted = False
-            df = df.sort([SUBJECT_ID, TIME], nulls_last=False, maintain_order=True)
-            cols = self._columns(df)
-        keep = cols["timed"].to_numpy()
-        if not keep.all():
-            report.excluded_subjects = np.unique(cols[SUBJECT_ID].to_numpy()[~keep]).tolist()
-            report.n_excluded_events = int((~keep).sum())
-            if splits is not None:  # excluded subjects still need a split: the table must cover every subject
-                _split_index(np.array(report.excluded_subjects, dtype=np.int64), splits)
-            df, cols = df.filter(keep), cols.filter(keep)
+        df, cols = self._in_order(df, report)
+        df, cols = _drop_subjects_without_time(df, cols, splits, report)
 
         sid = cols[SUBJECT_ID].to_numpy()
         vidx = self._code_indices(df[CODE])
@@ -417,6 +412,15 @@ class EventTokenizer:
             tokens, times, offsets, subject_ids, split_index
         )
         return EncodedEvents(tokens, times, offsets, subject_ids, split_index, report)
+
+    def _in_order(self, df: pl.DataFrame, report: EncodeReport) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Events and their columns, each subject contiguous and time-ordered; re-sorted only if needed."""
+        cols = self._columns(df)
+        if _in_subject_time_order(cols):
+            return df, cols
+        report.input_sorted = False
+        df = df.sort([SUBJECT_ID, TIME], nulls_last=False, maintain_order=True)
+        return df, self._columns(df)
 
     def _columns(self, df: pl.DataFrame) -> pl.DataFrame:
         """Per event: subject, time in us (statics filled), whether it has a timed event, value flags."""
@@ -441,7 +445,9 @@ class EventTokenizer:
         present = codes.unique()
         ids = present.to_physical().to_numpy()
         lookup = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int32)
-        lookup[ids] = present.cast(pl.String).replace_strict(self._code_index, default=-1, return_dtype=pl.Int32)
+        lookup[ids] = present.cast(pl.String).replace_strict(
+            self._code_index, default=-1, return_dtype=pl.Int32
+        )
         return lookup[codes.to_physical().to_numpy()]
 
     def _event_tokens(self, cols: pl.DataFrame, vidx: np.ndarray, report: EncodeReport) -> np.ndarray:
@@ -462,14 +468,23 @@ class EventTokenizer:
             return tokens
         report.n_text_ignored = int((has_text & binned).sum())
         text_rows = np.flatnonzero(has_text & ~binned)
-        pairs = pl.DataFrame({"vidx": vidx[text_rows], TEXT_VALUE: cols[TEXT_VALUE].gather(text_rows)})
-        joined = pairs.join(self._text_table, on=["vidx", TEXT_VALUE], how="left", maintain_order="left")
-        matched = joined["token"]
-        hit = matched.is_not_null().to_numpy()
-        tokens[text_rows[hit]] = matched.to_numpy()[hit]
+        keys = _pair_keys(vidx[text_rows], cols[TEXT_VALUE].gather(text_rows))
+        table_keys, table_tokens = self._text_lookup()
+        pos = np.minimum(np.searchsorted(table_keys, keys), max(len(table_keys) - 1, 0))
+        hit = table_keys[pos] == keys if len(table_keys) else np.zeros(len(keys), dtype=bool)
+        tokens[text_rows[hit]] = table_tokens[pos[hit]]
         report.n_text_tokens = int(hit.sum())
         report.n_text_unmatched = len(text_rows) - report.n_text_tokens
         return tokens
+
+    def _text_lookup(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted (code, text) pair keys, their token ids) in this process's categorical text ids."""
+        vidx, texts, ids = zip(*self._text_rows, strict=True) if self._text_rows else ((), (), ())
+        keys = _pair_keys(
+            np.array(vidx, dtype=np.int64), pl.Series(texts, dtype=pl.String).cast(pl.Categorical)
+        )
+        order = np.argsort(keys)
+        return keys[order], np.array(ids, dtype=np.int32)[order]
 
     def _bin_of(self, vidx: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Number of the code's edges <= x; one pass per edge keeps memory at O(rows)."""
@@ -494,7 +509,7 @@ class EventTokenizer:
 
     # -- save / load --------------------------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
         """Identity of the event -> id mapping: vocabulary, bin edges and gap thresholds.
 
@@ -566,17 +581,17 @@ class EventTokenizer:
 
 
 def collect_events(events: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
-    """The five event columns in EVENT_SCHEMA, except `code` as Categorical.
+    """The five event columns in EVENT_SCHEMA, except `code` and `text_value` as Categorical.
 
-    Codes are few and repeat; one string hash per event here turns every later code operation (counts,
-    vocabulary lookup) into integer work. An already-categorical code column is kept as is.
+    Codes and text values are few and repeat; one string hash per event here turns every later
+    operation on them (counts, vocabulary lookups) into integer work. Categorical columns are kept.
     """
     lf = events.lazy()
     schema = lf.collect_schema()
     missing = [c for c in (SUBJECT_ID, TIME, CODE) if c not in schema]
     if missing:
         raise DataError(f"events lack column(s) {missing}; read them with ehrlong.data.meds.scan_events.")
-    dtypes = {**EVENT_SCHEMA, CODE: pl.Categorical}
+    dtypes = {**EVENT_SCHEMA, CODE: pl.Categorical, TEXT_VALUE: pl.Categorical}
     cols = [
         (pl.col(c) if schema[c] == dtypes[c] else pl.col(c).cast(dtypes[c]))
         if c in schema
@@ -593,6 +608,11 @@ def collect_events(events: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
     return df
 
 
+def _pair_keys(vidx: np.ndarray, texts: pl.Series) -> np.ndarray:
+    """One int64 per (code index, categorical text id): exact keys for a sorted lookup."""
+    return (vidx.astype(np.int64) << 32) | texts.to_physical().to_numpy().astype(np.int64)
+
+
 def _in_subject_time_order(cols: pl.DataFrame) -> bool:
     """Each subject's events contiguous and in time order, statics first? Subject order is free."""
     sid, t, static = (cols[c].to_numpy() for c in (SUBJECT_ID, TIME, "static"))
@@ -602,6 +622,18 @@ def _in_subject_time_order(cols: pl.DataFrame) -> bool:
         return False
     runs = sid[np.r_[True, ~same]] if len(sid) else sid
     return len(np.unique(runs)) == len(runs)
+
+
+def _drop_subjects_without_time(df, cols, splits, report: EncodeReport) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Subjects with only static events cannot be placed in time: excluded, listed in the report."""
+    keep = cols["timed"].to_numpy()
+    if keep.all():
+        return df, cols
+    report.excluded_subjects = np.unique(cols[SUBJECT_ID].to_numpy()[~keep]).tolist()
+    report.n_excluded_events = int((~keep).sum())
+    if splits is not None:  # the split table must still cover them
+        _split_index(np.array(report.excluded_subjects, dtype=np.int64), splits)
+    return df.filter(keep), cols.filter(keep)
 
 
 def missing_subjects_error(missing: Sequence[int]) -> DataError:

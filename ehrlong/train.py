@@ -163,7 +163,9 @@ def main(argv: Sequence[str]) -> int:
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         if not ckpt.is_file():
             raise ConfigError(f"resume={run_dir}: no checkpoints/last.ckpt yet; start a new run instead.")
-        run_id = (run_dir / "mlflow_run_id").read_text().strip() if (run_dir / "mlflow_run_id").is_file() else None
+        run_id = (
+            (run_dir / "mlflow_run_id").read_text().strip() if (run_dir / "mlflow_run_id").is_file() else None
+        )
     else:
         run_dir, ckpt, run_id = new_run_dir(cfg), None, None
         save_config(cfg, run_dir / "config.yaml")
@@ -181,7 +183,9 @@ def main(argv: Sequence[str]) -> int:
 
     # Resume at the same data position: the plan is deterministic, so skip what earlier steps consumed.
     start_step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] if ckpt else 0
-    train_data = TrainBatches(store, "train", cfg.context_length, budget, per_step, cfg.seed, start_step * per_step)
+    train_data = TrainBatches(
+        store, "train", cfg.context_length, budget, per_step, cfg.seed, start_step * per_step
+    )
     val_data = EvalBatches(store, "tuning", cfg.context_length, budget)
     to_loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.batch.num_workers)  # noqa: E731
 
@@ -195,7 +199,9 @@ def main(argv: Sequence[str]) -> int:
             "dataset": dataset_name(root),
             "size": cfg.size,
         }
-        logger = make_logger(uri, cfg.tracking.experiment, runs_root(cfg.runs_dir), run_dir.name, tags, run_id)
+        logger = make_logger(
+            uri, cfg.tracking.experiment, runs_root(cfg.runs_dir), run_dir.name, tags, run_id
+        )
         if run_id is None:
             logger.log_hyperparams(to_flat_dict(cfg))
             (run_dir / "mlflow_run_id").write_text(logger.run_id)
@@ -223,7 +229,10 @@ def main(argv: Sequence[str]) -> int:
         logger=loggers or False,
         callbacks=[
             ModelCheckpoint(
-                dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every
+                dirpath=run_dir / "checkpoints",
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=cfg.checkpoint_every,
             )
         ],
         default_root_dir=run_dir,
@@ -234,7 +243,9 @@ def main(argv: Sequence[str]) -> int:
         f"{per_step} micro-batch(es) of <= {budget} tokens per step, {max_steps} steps"
     )
     t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=to_loader(train_data), val_dataloaders=to_loader(val_data), ckpt_path=ckpt)
+    trainer.fit(
+        module, train_dataloaders=to_loader(train_data), val_dataloaders=to_loader(val_data), ckpt_path=ckpt
+    )
     train_seconds = time.perf_counter() - t0
 
     # Final validation over the whole tuning split, loss by position bucket, and the unigram floor.
@@ -252,7 +263,7 @@ def main(argv: Sequence[str]) -> int:
         "parameters": sum(p.numel() for p in module.parameters()),
     }
     if trainer.is_global_zero:
-        save_model(module, tokenizer.content_hash, cfg, run_dir / "model.ckpt")
+        save_model(module, tokenizer.hash, cfg, run_dir / "model.ckpt")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         for logger in loggers:
             logger.log_metrics({"val/unigram_loss": unigram}, step=trainer.global_step)

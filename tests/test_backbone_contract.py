@@ -15,7 +15,9 @@ VOCAB = 50
 
 
 def tiny_cfg(name: str, *extra: str) -> TrainConfig:
-    return parse(TrainConfig, [f"backbone={name}", "model.d_model=32", "model.n_layers=2", "context_length=64", *extra])
+    return parse(
+        TrainConfig, [f"backbone={name}", "model.d_model=32", "model.n_layers=2", "context_length=64", *extra]
+    )
 
 
 def make(name: str, seed: int = 0):
@@ -94,9 +96,13 @@ def test_gradients_reach_every_parameter(name):
 def test_deterministic_under_seed(name):
     a, b = make(name, seed=3), make(name, seed=3)
     tokens, times, mask = batch_of(torch.randint(1, VOCAB, (2, 24)), [24, 24])
-    torch.testing.assert_close(a(tokens=tokens, times=times, mask=mask), b(tokens=tokens, times=times, mask=mask))
+    torch.testing.assert_close(
+        a(tokens=tokens, times=times, mask=mask), b(tokens=tokens, times=times, mask=mask)
+    )
     c = make(name, seed=4)
-    assert not torch.allclose(a(tokens=tokens, times=times, mask=mask), c(tokens=tokens, times=times, mask=mask))
+    assert not torch.allclose(
+        a(tokens=tokens, times=times, mask=mask), c(tokens=tokens, times=times, mask=mask)
+    )
 
 
 def test_short_fit_loss_falls(name):

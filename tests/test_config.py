@@ -37,7 +37,11 @@ def test_every_preset_loads_validates_and_describes_itself(name):
 def test_layers_defaults_then_preset_then_command_line():
     default = parse(TrainConfig, [], presets_dir=PRESETS_DIR)
     preset = parse(TrainConfig, ["config=mamba_16k"], presets_dir=PRESETS_DIR)
-    both = parse(TrainConfig, ["config=mamba_16k", "context_length=2048", "trainer.max_steps=7"], presets_dir=PRESETS_DIR)
+    both = parse(
+        TrainConfig,
+        ["config=mamba_16k", "context_length=2048", "trainer.max_steps=7"],
+        presets_dir=PRESETS_DIR,
+    )
     assert default.context_length == 1024 and preset.context_length == 16384
     assert both.context_length == 2048 and both.trainer.max_steps == 7 and both.backbone == "mamba"
     # Order on the command line does not let a preset override an explicit key.

@@ -68,8 +68,8 @@ def test_accumulated_micro_batches_equal_one_big_step():
     acc._trainer = None  # outside a Trainer: accumulate = 1 per call, so scale by hand as Lightning would
     for part, plen in (([rows[0]], [6]), (rows[1:], [3, 6])):
         b = batch(part, plen, step_targets=total)
-        l, _ = acc.token_losses(b)
-        (l.sum() / b.step_targets).backward()
+        part_losses, _ = acc.token_losses(b)
+        (part_losses.sum() / b.step_targets).backward()
     for (n, p), q in zip(ref.named_parameters(), acc.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=n)
 

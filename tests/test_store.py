@@ -71,18 +71,18 @@ RECIPE = TokenizerRecipe(name="test", min_code_count=3, min_text_count=2, n_bins
 
 
 @pytest.fixture(scope="module")
-def meds_root(tmp_path_factory) -> Path:
+def tricky_root(tmp_path_factory) -> Path:
     df, split_of = tricky_events()
     return write_meds(tmp_path_factory.mktemp("meds"), df, split_of)
 
 
 @pytest.fixture(scope="module")
-def store_dir(meds_root, tmp_path_factory) -> Path:
-    return build_store(meds_root, RECIPE, tmp_path_factory.mktemp("stores") / "fast", progress=False).out
+def store_dir(tricky_root, tmp_path_factory) -> Path:
+    return build_store(tricky_root, RECIPE, tmp_path_factory.mktemp("stores") / "fast", progress=False).out
 
 
-def test_loop_reference_builds_the_identical_store(meds_root, store_dir, tmp_path):
-    loop = build_store(meds_root, RECIPE, tmp_path / "loop", implementation="loop", progress=False).out
+def test_loop_reference_builds_the_identical_store(tricky_root, store_dir, tmp_path):
+    loop = build_store(tricky_root, RECIPE, tmp_path / "loop", implementation="loop", progress=False).out
     for name in ARRAYS:
         a, b = np.load(store_dir / f"{name}.npy"), np.load(loop / f"{name}.npy")
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
@@ -105,7 +105,7 @@ def test_store_differences_notices_a_changed_token(store_dir, tmp_path):
     assert benchmark.store_differences(store_dir, other) == [f"tokens.npy (int32[{n}] vs int32[{n}])"]
 
 
-def test_open_memory_maps_consistent_arrays(store_dir, meds_root):
+def test_open_memory_maps_consistent_arrays(store_dir, tricky_root):
     store = TokenStore.open(store_dir)
     assert isinstance(store.tokens, np.memmap) and store.tokens.dtype == np.int32
     assert store.times.dtype == np.float64 and store.offsets[0] == 0 and store.offsets[-1] == store.n_tokens
@@ -162,7 +162,9 @@ def test_window_never_shows_a_gap_token_for_a_later_event(store_dir):
             assert window[-1] not in gaps  # a gap token is stamped with the event it announces
 
 
-def test_failed_write_leaves_nothing_and_keeps_an_existing_store(meds_root, store_dir, tmp_path, monkeypatch):
+def test_failed_write_leaves_nothing_and_keeps_an_existing_store(
+    tricky_root, store_dir, tmp_path, monkeypatch
+):
     def broken_save(self, path):
         Path(path).write_text("{half")
         raise OSError("disk full")
@@ -170,24 +172,24 @@ def test_failed_write_leaves_nothing_and_keeps_an_existing_store(meds_root, stor
     monkeypatch.setattr(EventTokenizer, "save", broken_save)
     fresh = tmp_path / "fresh"
     with pytest.raises(OSError, match="disk full"):
-        build_store(meds_root, RECIPE, fresh, progress=False)
+        build_store(tricky_root, RECIPE, fresh, progress=False)
     assert not fresh.exists() and list(tmp_path.iterdir()) == []
     # Replacing an existing store: the old one survives a failed rebuild untouched.
     existing = tmp_path / "existing"
     shutil.copytree(store_dir, existing)
     before = {p.name: p.read_bytes() for p in existing.iterdir()}
     with pytest.raises(OSError, match="disk full"):
-        build_store(meds_root, RECIPE, existing, progress=False)
+        build_store(tricky_root, RECIPE, existing, progress=False)
     assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["existing"]
 
 
-def test_refuses_to_overwrite_a_folder_that_is_not_a_store(meds_root, tmp_path):
+def test_refuses_to_overwrite_a_folder_that_is_not_a_store(tricky_root, tmp_path):
     mine = tmp_path / "precious"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     with pytest.raises(DataError, match="not a token store"):
-        build_store(meds_root, RECIPE, mine, progress=False)
+        build_store(tricky_root, RECIPE, mine, progress=False)
     assert (mine / "notes.txt").read_text() == "keep me"
 
 
@@ -202,21 +204,21 @@ def test_subjects_missing_from_the_split_file_are_an_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_ensure_store_builds_once_then_reuses(meds_root, tmp_path, monkeypatch):
+def test_ensure_store_builds_once_then_reuses(tricky_root, tmp_path, monkeypatch):
     monkeypatch.setenv("EHRLONG_CACHE", str(tmp_path / "cache"))
-    first = ensure_store(meds_root, "clmbr", progress=False)
+    first = ensure_store(tricky_root, "clmbr", progress=False)
     assert first.is_relative_to(tmp_path / "cache" / "stores") and (first / "meta.json").is_file()
     stamp = (first / "tokens.npy").stat().st_mtime_ns
-    assert ensure_store(meds_root, "clmbr", progress=False) == first
+    assert ensure_store(tricky_root, "clmbr", progress=False) == first
     assert (first / "tokens.npy").stat().st_mtime_ns == stamp
     store = TokenStore.open(first)
     assert store.meta["counts"]["gap_tokens"] == 0 and store.meta["tokenizer"]["recipe"]["name"] == "clmbr"
-    assert ensure_store(meds_root, "cehr", progress=False) != first
+    assert ensure_store(tricky_root, "cehr", progress=False) != first
 
 
-def test_tokenize_command_prints_a_summary(meds_root, tmp_path, capsys):
+def test_tokenize_command_prints_a_summary(tricky_root, tmp_path, capsys):
     out = tmp_path / "store"
-    assert data_main(["tokenize", f"data={meds_root}", "tokenizer=cehr", f"out={out}"]) == 0
+    assert data_main(["tokenize", f"data={tricky_root}", "tokenizer=cehr", f"out={out}"]) == 0
     text = capsys.readouterr().out
     assert "UNK held_out" in text and "NEVER_IN_TRAIN" in text and f"wrote {out}" in text
     assert "excluded" in text and "re-sorted" in text
@@ -224,7 +226,7 @@ def test_tokenize_command_prints_a_summary(meds_root, tmp_path, capsys):
     assert TokenStore.open(out).n_subjects == meta["counts"]["subjects"]
 
 
-def test_benchmark_command_runs_both_variants_and_finds_them_identical(meds_root, capsys):
-    assert data_main(["benchmark", f"data={meds_root}", "rounds=1"]) == 0
+def test_benchmark_command_runs_both_variants_and_finds_them_identical(tricky_root, capsys):
+    assert data_main(["benchmark", f"data={tricky_root}", "rounds=1"]) == 0
     text = capsys.readouterr().out
     assert "stores identical" in text and "speed-up" in text

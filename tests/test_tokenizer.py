@@ -172,7 +172,7 @@ def test_encode_decode_round_trip_and_vocab_layout():
     tok = EventTokenizer.fit(df, [TRAIN], recipe())
     assert tok.pad_id == PAD_ID == 0 and tok.decode([0, 1]) == ["[PAD]", "[UNK]"]
     assert tok.decode(tok.probe_ids) == ["[PROBE_0]", "[PROBE_1]", "[PROBE_2]"]
-    assert tok.decode(tok.gap_ids)[0] == gap_token("1D")
+    assert tok.decode(tok.gap_ids)[0] == gap_token("D1") and tok.decode(tok.gap_ids)[-1] == gap_token("LT")
     assert len(set(tok.id_to_token)) == tok.vocab_size
     enc = tok.encode(df)
     names = tok.decode(enc.tokens)
@@ -206,7 +206,8 @@ def test_gap_tokens_are_inserted_before_new_timestamps_and_stamped_causally():
         (TRAIN, day(9.125 + 6.99 + 1000), "G", None, None),  # -> LT
     ]
     df = events(rows)
-    tok = EventTokenizer.fit(df, [TRAIN], recipe())
+    gaps = [TimeGap("1D", 1.0), TimeGap("1W", 7.0), TimeGap("LT", 730.0)]
+    tok = EventTokenizer.fit(df, [TRAIN], recipe(time_gaps=gaps))
     enc = tok.encode(df)
     assert tok.decode(enc.tokens) == [
         "STATIC//SEX",
@@ -227,6 +228,29 @@ def test_gap_tokens_are_inserted_before_new_timestamps_and_stamped_causally():
     assert enc.times[0] == enc.times[1]  # static stamped with the subject's first time
     assert np.all(np.diff(enc.times) >= 0)
     assert enc.report.n_gap_tokens == 4 and enc.report.n_static_events == 1
+
+
+def test_cehr_recipe_buckets_follow_cehr_bert():
+    gaps = [0.5, 1.0, 6.875, 7.0, 29.875, 30.0, 359.875, 360.0, 5000.0]  # exact in binary: sums stay exact
+    rows, t = [(TRAIN, day(0), "A", None, None)], 0.0
+    for g in gaps:
+        t += g
+        rows.append((TRAIN, day(t), "A", None, None))
+    tok = EventTokenizer.fit(events(rows), [TRAIN], load_recipe("cehr"))
+    got = [n for n in tok.decode(tok.encode(events(rows)).tokens) if n != "A"]
+
+    def cehr_bert(days: int) -> str:  # hf_ehr's day/week/month ATT rule on whole days
+        return (
+            f"D{days}"
+            if days < 7
+            else f"W{days // 7}"
+            if days < 30
+            else f"M{days // 30}"
+            if days < 360
+            else "LT"
+        )
+
+    assert got == [gap_token(cehr_bert(int(g))) for g in gaps if g >= 1]
 
 
 def test_clmbr_recipe_inserts_no_time_tokens():
@@ -334,10 +358,12 @@ def test_hash_changes_with_the_mapping():
 def test_shipped_recipes_load():
     cehr, clmbr = load_recipe("cehr"), load_recipe("clmbr")
     assert (
-        cehr.name == "cehr"
-        and [g.name for g in cehr.time_gaps][0] == "1D"
-        and cehr.time_gaps[-1].min_days == 730
-    )
+        cehr.name == "cehr" and cehr.time_gaps == TokenizerRecipe().time_gaps
+    )  # the YAML restates the defaults
+    # CEHR-BERT buckets: day 1-6, week 1-4 (7-29 d), month 1-11 (30-359 d), long term.
+    names = [g.name for g in cehr.time_gaps]
+    assert names[:7] == ["D1", "D2", "D3", "D4", "D5", "D6", "W1"] and names[-2:] == ["M11", "LT"]
+    assert {g.name: g.min_days for g in cehr.time_gaps}["W4"] == 28 and cehr.time_gaps[-1].min_days == 360
     assert clmbr.name == "clmbr" and clmbr.time_gaps == []
 
 
@@ -354,3 +380,17 @@ def test_unknown_recipe_and_unknown_key_are_errors_listing_valid_options(tmp_pat
     good = tmp_path / "mine.yaml"
     good.write_text("n_bins: 3\n")
     assert load_recipe(good).name == "mine" and load_recipe(good).n_bins == 3
+
+
+def test_text_values_off_ignores_and_counts_them():
+    rows = [(TRAIN, day(i), "CHART//X", None, "Normal") for i in range(3)]
+    tok = EventTokenizer.fit(events(rows), [TRAIN], recipe(text_values=False, time_gaps=[]))
+    enc = tok.encode(events(rows))
+    assert tok.texts == [[]] and tok.decode(enc.tokens) == ["CHART//X"] * 3
+    assert enc.report.n_text_ignored == 3 and enc.report.n_text_tokens == 0
+
+
+def test_colliding_token_names_are_an_error():
+    rows = lab_rows(TRAIN, [1.0, 2.0]) + [(TRAIN, day(5), "LAB//A|Q1", None, None)]
+    with pytest.raises(DataError, match="collide"):
+        EventTokenizer.fit(events(rows), [TRAIN], recipe())

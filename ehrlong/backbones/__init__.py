@@ -60,7 +60,9 @@ BACKBONES: dict[str, str] = {
 
 def _builder(name: str) -> Callable[..., nn.Module]:
     if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone {name!r}. Valid backbones: {', '.join(BACKBONES)} (set backbone=NAME).")
+        raise ConfigError(
+            f"unknown backbone {name!r}. Valid backbones: {', '.join(BACKBONES)} (set backbone=NAME)."
+        )
     module, fn = BACKBONES[name].split(":")
     return getattr(importlib.import_module(module), fn)
 
@@ -73,7 +75,9 @@ def build_backbone(cfg: TrainConfig, vocab_size: int) -> nn.Module:
 def resolve_size(sizes: dict[str, Size], cfg: TrainConfig) -> Size:
     """The size table row for `cfg.size`, with explicit `model.d_model` / `model.n_layers` overrides."""
     if cfg.size not in sizes:
-        raise ConfigError(f"unknown size {cfg.size!r} for backbone {cfg.backbone!r}. Valid sizes: {', '.join(sizes)}.")
+        raise ConfigError(
+            f"unknown size {cfg.size!r} for backbone {cfg.backbone!r}. Valid sizes: {', '.join(sizes)}."
+        )
     row = sizes[cfg.size]
     return Size(
         d_model=cfg.model.d_model or row.d_model,

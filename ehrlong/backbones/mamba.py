@@ -90,8 +90,10 @@ class MambaMixer(nn.Module):
     def _init_dt(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
         # As mamba_simple: softplus(dt bias) log-uniform in [dt_min, dt_max], so initial memory spans
         # roughly 10 to 1000 steps.
-        nn.init.uniform_(self.dt_proj.weight, -self.dims.dt_rank**-0.5, self.dims.dt_rank**-0.5)
-        dt = torch.exp(torch.rand(self.dims.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        nn.init.uniform_(self.dt_proj.weight, -(self.dims.dt_rank**-0.5), self.dims.dt_rank**-0.5)
+        dt = torch.exp(
+            torch.rand(self.dims.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        )
         dt = dt.clamp(min=dt_floor)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
@@ -111,12 +113,23 @@ class MambaMixer(nn.Module):
         if self.use_cuda_kernels and h.is_cuda:
             x = _cuda_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
             delta, b, c = self._ssm_inputs(x)
-            y = _cuda_scan(x, delta, A, b, c, self.D.float(), z, self.dt_proj.bias.float(), delta_softplus=True)
+            y = _cuda_scan(
+                x, delta, A, b, c, self.D.float(), z, self.dt_proj.bias.float(), delta_softplus=True
+            )
         else:
             x = F.silu(self.conv1d(x)[..., :T])
             delta, b, c = self._ssm_inputs(x)
             y = selective_scan(
-                x, delta, A, b, c, self.D.float(), z, self.dt_proj.bias.float(), delta_softplus=True, **self.scan_kwargs
+                x,
+                delta,
+                A,
+                b,
+                c,
+                self.D.float(),
+                z,
+                self.dt_proj.bias.float(),
+                delta_softplus=True,
+                **self.scan_kwargs,
             )
         return self.out_proj(y.transpose(1, 2))
 
@@ -132,7 +145,9 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(h).chunk(2, dim=-1)  # [B, d_inner]
         conv_state = torch.cat([conv_state[..., 1:], x.unsqueeze(-1)], dim=-1)
         x = F.silu((conv_state * self.conv1d.weight.squeeze(1)).sum(-1) + self.conv1d.bias)
-        dt, b, c = torch.split(self.x_proj(x), [self.dims.dt_rank, self.dims.d_state, self.dims.d_state], dim=-1)
+        dt, b, c = torch.split(
+            self.x_proj(x), [self.dims.dt_rank, self.dims.d_state, self.dims.d_state], dim=-1
+        )
         delta = dt @ self.dt_proj.weight.T
         A = -torch.exp(self.A_log.float())
         y, ssm_state = selective_state_update(
@@ -170,7 +185,9 @@ class MambaBackbone(nn.Module):
         self.embed = nn.Embedding(vocab_size, size.d_model, padding_idx=0)
         self.drop = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
-            MambaBlock(dims, use_cuda_kernels=use_cuda, scan_chunk=mcfg.scan_chunk, scan_segment=mcfg.scan_segment)
+            MambaBlock(
+                dims, use_cuda_kernels=use_cuda, scan_chunk=mcfg.scan_chunk, scan_segment=mcfg.scan_segment
+            )
             for _ in range(size.n_layers)
         )
         self.norm_f = RMSNorm(size.d_model)
@@ -218,7 +235,12 @@ def build(cfg: TrainConfig, vocab_size: int) -> MambaBackbone:
     if cfg.mamba.kernels not in KERNELS:
         raise ConfigError(f"mamba.kernels={cfg.mamba.kernels!r} is not one of {', '.join(KERNELS)}.")
     global _warned_no_kernels
-    if cfg.mamba.kernels == "auto" and _cuda_scan is None and torch.cuda.is_available() and not _warned_no_kernels:
+    if (
+        cfg.mamba.kernels == "auto"
+        and _cuda_scan is None
+        and torch.cuda.is_available()
+        and not _warned_no_kernels
+    ):
         warnings.warn(
             "CUDA is available but mamba-ssm / causal-conv1d are not installed: using the pure-torch scan. "
             "Install the kernels with `pip install -e '.[cuda]'` for full speed.",

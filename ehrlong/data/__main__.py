@@ -15,9 +15,18 @@ from ehrlong.errors import ConfigError, run_cli
 # name -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("ehrlong.data.validate", "check a MEDS root and print a one-screen summary"),
-    "synth": ("ehrlong.data.synthetic", "write the synthetic MEDS cohort (with task labels and per-subject dials)"),
-    "fetch": ("ehrlong.data.datasets", "download a public MEDS dataset (mimic-iv-demo), verify and validate it"),
-    "tokenize": ("ehrlong.data.store", "fit a tokenizer recipe on train and encode a MEDS root into a token store"),
+    "synth": (
+        "ehrlong.data.synthetic",
+        "write the synthetic MEDS cohort (with task labels and per-subject dials)",
+    ),
+    "fetch": (
+        "ehrlong.data.datasets",
+        "download a public MEDS dataset (mimic-iv-demo), verify and validate it",
+    ),
+    "tokenize": (
+        "ehrlong.data.store",
+        "fit a tokenizer recipe on train and encode a MEDS root into a token store",
+    ),
     "benchmark": ("ehrlong.data.benchmark", "time the tokenizer against a per-subject Python loop"),
 }
 

@@ -37,7 +37,12 @@ class EventBatch:
     def to(self, device: torch.device | str) -> EventBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return EventBatch(
-            move(self.tokens), move(self.times), move(self.mask), move(self.labels), self.step_targets, move(self.offsets)
+            move(self.tokens),
+            move(self.times),
+            move(self.mask),
+            move(self.labels),
+            self.step_targets,
+            move(self.offsets),
         )
 
     def __len__(self) -> int:
@@ -51,7 +56,9 @@ def subject_windows(offsets: np.ndarray, subjects: np.ndarray, length: int) -> n
     """
     starts, ends = offsets[subjects], offsets[subjects + 1]
     n_tokens = ends - starts
-    per_subject = np.maximum(1, -(-n_tokens // length))  # ceil; a subject with 0 tokens still gets 0 windows below
+    per_subject = np.maximum(
+        1, -(-n_tokens // length)
+    )  # ceil; a subject with 0 tokens still gets 0 windows below
     per_subject[n_tokens == 0] = 0
     subj = np.repeat(subjects, per_subject)
     # k-th window from the end of its subject: [end - (k+1)L, end - kL), clipped at the subject start.
@@ -86,9 +93,16 @@ def plan_epoch(windows: np.ndarray, budget: int, seed: int, epoch: int, pool: in
     rng = np.random.default_rng([seed, epoch])
     lengths = windows[:, 2] - windows[:, 1]
     perm = rng.permutation(len(windows))
-    order = np.concatenate(
-        [perm[i : i + pool][np.argsort(-lengths[perm[i : i + pool]], kind="stable")] for i in range(0, len(perm), pool)]
-    ) if len(perm) else perm
+    order = (
+        np.concatenate(
+            [
+                perm[i : i + pool][np.argsort(-lengths[perm[i : i + pool]], kind="stable")]
+                for i in range(0, len(perm), pool)
+            ]
+        )
+        if len(perm)
+        else perm
+    )
     batches = pack(lengths, budget, order)
     return [batches[i] for i in rng.permutation(len(batches))]
 

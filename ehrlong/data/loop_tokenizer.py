@@ -83,50 +83,22 @@ def encode(
 ) -> EncodedEvents:
     df = collect_events(events)
     report = EncodeReport(n_events=df.height)
-    by_subject: dict[int, list[tuple]] = defaultdict(list)
-    previous_subject, previous_key = None, None
-    for row in df.iter_rows():
-        subject_id, time = row[0], row[1]
-        key = _time_key(time)
-        if subject_id != previous_subject and subject_id in by_subject:
-            report.input_sorted = False  # subject seen before, in another run
-        if subject_id == previous_subject and key < previous_key:
-            report.input_sorted = False
-        by_subject[subject_id].append(row)
-        previous_subject, previous_key = subject_id, key
-
+    by_subject = _group_by_subject(df, report)
     split_of = _split_names(splits, by_subject)
     report.unk = {name: SplitUnk() for name in (SPLITS if splits is not None else [ALL_SPLITS])}
     code_info = _code_info(tokenizer)
-    gap_us = tokenizer.gap_us.tolist()
     tokens: list[int] = []
     times: list[float] = []
     offsets = [0]
     subject_ids: list[int] = []
     for subject_id in sorted(by_subject):
         rows = sorted(by_subject[subject_id], key=lambda r: _time_key(r[1]))  # stable: ties keep input order
-        first_time = next((r[1] for r in rows if r[1] is not None), None)
-        if first_time is None:
+        if all(r[1] is None for r in rows):
             report.excluded_subjects.append(subject_id)
             report.n_excluded_events += len(rows)
             continue
         unk = report.unk[split_of.get(subject_id, ALL_SPLITS)]
-        previous_us = None
-        for _, time, code, value, text in rows:
-            if time is None:
-                report.n_static_events += 1
-                time = first_time
-            t_us = (time - EPOCH) // ONE_US
-            if previous_us is not None and t_us != previous_us:
-                bucket = bisect_right(gap_us, t_us - previous_us) - 1
-                if bucket >= 0:
-                    tokens.append(int(tokenizer.gap_ids[bucket]))
-                    times.append(t_us / US_PER_DAY)
-                    report.n_gap_tokens += 1
-            previous_us = t_us
-            tokens.append(_event_token(code_info, code, value, text, tokenizer.recipe, report, unk))
-            times.append(t_us / US_PER_DAY)
-            unk.events += 1
+        _encode_subject(rows, tokenizer, code_info, report, unk, tokens, times)
         subject_ids.append(subject_id)
         offsets.append(len(tokens))
 
@@ -144,6 +116,43 @@ def encode(
         split_index,
         report,
     )
+
+
+def _group_by_subject(df: pl.DataFrame, report: EncodeReport) -> dict[int, list[tuple]]:
+    """Rows per subject, in input order; notes in the report whether the input was already sorted."""
+    by_subject: dict[int, list[tuple]] = defaultdict(list)
+    previous_subject, previous_key = None, None
+    for row in df.iter_rows():
+        subject_id, key = row[0], _time_key(row[1])
+        if subject_id != previous_subject and subject_id in by_subject:
+            report.input_sorted = False  # subject seen before, in another run
+        if subject_id == previous_subject and key < previous_key:
+            report.input_sorted = False
+        by_subject[subject_id].append(row)
+        previous_subject, previous_key = subject_id, key
+    return by_subject
+
+
+def _encode_subject(rows, tokenizer, code_info, report: EncodeReport, unk: SplitUnk, tokens, times) -> None:
+    """Append one subject's tokens and times (rows sorted by time, statics first)."""
+    first_time = next(r[1] for r in rows if r[1] is not None)
+    gap_us = tokenizer.gap_us.tolist()
+    previous_us = None
+    for _, time, code, value, text in rows:
+        if time is None:
+            report.n_static_events += 1
+            time = first_time
+        t_us = (time - EPOCH) // ONE_US
+        if previous_us is not None and t_us != previous_us:
+            bucket = bisect_right(gap_us, t_us - previous_us) - 1
+            if bucket >= 0:
+                tokens.append(int(tokenizer.gap_ids[bucket]))
+                times.append(t_us / US_PER_DAY)
+                report.n_gap_tokens += 1
+        previous_us = t_us
+        tokens.append(_event_token(code_info, code, value, text, tokenizer.recipe, report, unk))
+        times.append(t_us / US_PER_DAY)
+        unk.events += 1
 
 
 def _time_key(time: datetime | None) -> tuple[int, datetime]:

@@ -52,6 +52,7 @@ from ehrlong.tokenizer import (
     EncodedEvents,
     EventTokenizer,
     TokenizerRecipe,
+    collect_events,
     load_recipe,
     recipe_dict,
     recipe_hash,
@@ -112,7 +113,7 @@ def build_store(
         clock.start("read")
         # Unsorted read: encode() checks the order itself and only re-sorts when a subject's events are
         # out of time order; MEDS shards usually just list subjects out of id order, which is cheap to fix.
-        events = scan_events(data_root, sort=False).collect()
+        events = collect_events(scan_events(data_root, sort=False))
         splits = read_splits(data_root)
         clock.start("fit")
         train_ids = _train_subjects(splits, data_root)

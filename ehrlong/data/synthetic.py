@@ -21,16 +21,18 @@ visit starts add the visit's problem/medication/procedure list. Labels are predi
 late visit (6-14 visits before the end); outcomes are coded at the next visit; some subjects die after
 their last visit.
 
-The dials, each varied per subject around the cohort setting (logit-normal; 0 and 1 are exact) and
-recorded in subject_dials.parquet, each move one property and leave the other two alone:
+The dials, each varied per subject around the cohort setting and recorded in subject_dials.parquet
+(logistic noise on the logit scale at low-discrepancy quantiles, see `draw_dials`; a setting of 0 or 1
+is exact), each move one property and leave the other two alone:
 
 - copy_forward: the chance that each item of a visit's problem list is re-recorded at the next visit.
   Copies take slots that fresh items would have filled (the slot count is drawn before), so it changes
   which codes appear, never how many. A fresh item is a code the subject never had, so a type repeats
   only through copying, and copying is local (from the previous visit): the share of repeated n-grams
   depends on the dial, not on the length of the timeline.
-- irregularity: the coefficient of variation of the gaps between visits (gamma, 1 day minimum), at a
-  fixed mean gap. It only moves timestamps; the timestamps inside a visit do not depend on any dial.
+- irregularity: the share of visits that come in bursts, a day or two after the previous one; the other
+  gaps stretch so every subject's mean gap stays MEAN_GAP_DAYS. The dispersion of gaps grows with it,
+  their mean does not. It only moves timestamps; the timestamps inside a visit depend on no dial.
 - progression: the growth rate of events per timestamp (more panels per draw later in the timeline)
   and of the share of new problems that are complications. The added events are panels whose n-grams
   every subject has anyway: routine visits cycle through every panel level twice before the prediction
@@ -53,6 +55,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import meds
@@ -68,30 +71,32 @@ from ehrlong.errors import ConfigError, DataError
 from ehrlong.paths import data_root
 
 # Bump when the output for a given config changes, so cached cohorts are regenerated (ensure_cohort).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DATASET_NAME = "ehrlong-synthetic"
 FIRST_SUBJECT_ID = 1_000_000
 SHARD_SUBJECTS = 500  # subjects per data shard
 VOCAB_SEED = 20_240_101  # the code vocabulary is the same for every cohort
+LONG_CONTEXT = 16_384  # the summary reports the share of subjects with more events than this
 
-DAY_US = 86_400_000_000
 MINUTE_US = 60_000_000
 EPOCH_DAY_1990 = 7305  # days from 1970-01-01 to 1990-01-01
 
 # Per-subject dial spread: scale of the logistic noise added to the setting's logit (sd ~1 on the logit
 # scale). Wide enough that the per-subject values, not sampling noise, rank the measured strata.
-DIAL_SPREAD = 0.55
+DIAL_SPREAD = 0.75
 HALTON_BASES = (2, 3, 5)  # one per dial
 
 # Visits. 100-140 visits at a mean 30-day gap: ~10 years of care per subject.
-N_VISITS = (100, 141)
+N_VISITS = (110, 131)
 N_VISITS_AFTER_PREDICTION = (6, 15)
 BASELINE_VISITS = 3  # outpatient visits that carry the early task signals
 INPATIENT_RATE = 0.15
 MEAN_STAY_DAYS = 3.0
 MEAN_GAP_DAYS = 30.0
 MIN_GAP_DAYS = 1.0
-MAX_GAP_CV = 2.5  # gap coefficient of variation at irregularity = 1
+MAX_BURST_SHARE = 0.9  # share of short (burst) gaps at irregularity = 1
+BURST_EXTRA_DAYS = 1.0  # mean of the exponential added to MIN_GAP_DAYS for a burst gap
+LONG_GAP_SHAPE = 25.0  # gamma shape of the long gaps' jitter (coefficient of variation 0.2)
 OUTPATIENT_ITEMS = 2.0  # Poisson mean of problem-list items, plus 1
 INPATIENT_ITEMS = 4.0  # ... plus 2
 
@@ -118,19 +123,23 @@ HBA1C = "LAB//4548-4//%"
 TOBACCO = "SOCIAL//TOBACCO_USE"
 FAMILY_HISTORY_CHD = "DIAGNOSIS//ICD10CM//Z82.49"
 
-# (code, mean, sd, decimals): the basic metabolic panel, recorded at every draw; creatinine carries
-# the recent task's signal.
+# (code, description, mean, sd, decimals): the basic metabolic panel, recorded at every draw;
+# creatinine carries the recent task's signal.
 BASIC_PANEL = (
-    ("LAB//2951-2//mmol/L", 140.0, 3.0, 0),
-    ("LAB//2823-3//mmol/L", 4.2, 0.4, 1),
-    ("LAB//2075-0//mmol/L", 103.0, 3.0, 0),
-    ("LAB//2028-9//mmol/L", 25.0, 2.5, 0),
-    ("LAB//3094-0//mg/dL", 15.0, 5.0, 0),
-    ("LAB//2345-7//mg/dL", 100.0, 20.0, 0),
-    (CREATININE, 0.9, 0.15, 2),
+    ("LAB//2951-2//mmol/L", "sodium", 140.0, 3.0, 0),
+    ("LAB//2823-3//mmol/L", "potassium", 4.2, 0.4, 1),
+    ("LAB//2075-0//mmol/L", "chloride", 103.0, 3.0, 0),
+    ("LAB//2028-9//mmol/L", "bicarbonate", 25.0, 2.5, 0),
+    ("LAB//3094-0//mg/dL", "urea nitrogen", 15.0, 5.0, 0),
+    ("LAB//2345-7//mg/dL", "glucose", 100.0, 20.0, 0),
+    (CREATININE, "creatinine", 0.9, 0.15, 2),
 )
-# Fixed numeric codes outside the panels: (code, mean, sd, decimals).
-NUMERIC_CODES = ((HEART_RATE, 75.0, 12.0, 0), (TEMPERATURE, 36.8, 0.4, 1), (HBA1C, 5.4, 0.3, 1))
+# Numeric codes outside the panels, same layout.
+NUMERIC_CODES = (
+    (HEART_RATE, "heart rate", 75.0, 12.0, 0),
+    (TEMPERATURE, "body temperature", 36.8, 0.4, 1),
+    (HBA1C, "haemoglobin A1c", 5.4, 0.3, 1),
+)
 
 CHART_VALUE_SETS = (
     ("Normal", "Abnormal"),
@@ -147,6 +156,8 @@ CHART_VALUE_SETS = (
 LAB_UNITS = ("mg/dL", "mmol/L", "g/dL", "K/uL", "U/L", "%", "mEq/L", "ng/mL", "pg/mL", "sec")
 SYSTOLIC = np.arange(80, 202, 2)
 DIASTOLIC = np.arange(40, 122, 2)
+BP_TEXTS = tuple(f"{s}/{d}" for s in SYSTOLIC for d in DIASTOLIC)  # blood pressure is text, as in MIMIC
+N_LAB_PANELS, N_CHART_PANELS = 30, 20
 SMOKING = ("Never smoker", "Former smoker", "Current every day smoker")
 
 
@@ -161,6 +172,7 @@ class Task:
     signal_events: str
     signal_visit: int | None  # early tasks: the last visit that carries the signal
     outcome_code: str
+    outcome_name: str
     levels: tuple[str, ...]
     level_probs: tuple[float, ...]
     outcome_probs: tuple[float, ...]  # P(outcome) per level
@@ -173,6 +185,7 @@ TASKS: dict[str, Task] = {
         signal_events=f"{FAMILY_HISTORY_CHD} at the first visit (never re-recorded)",
         signal_visit=0,
         outcome_code="DIAGNOSIS//ICD10CM//I21.4",
+        outcome_name="non-ST elevation myocardial infarction",
         levels=("absent", "present"),
         level_probs=(0.7, 0.3),
         outcome_probs=(0.08, 0.7),
@@ -183,6 +196,7 @@ TASKS: dict[str, Task] = {
         signal_events=f"{HBA1C} numeric_value at the first {BASELINE_VISITS} visits (only measured then)",
         signal_visit=BASELINE_VISITS - 1,
         outcome_code="DIAGNOSIS//ICD10CM//E11.22",
+        outcome_name="type 2 diabetes with diabetic chronic kidney disease",
         levels=("normal", "high"),
         level_probs=(0.65, 0.35),
         outcome_probs=(0.05, 0.6),
@@ -193,6 +207,7 @@ TASKS: dict[str, Task] = {
         signal_events=f"{TOBACCO} text_value at the first visit (only recorded then)",
         signal_visit=0,
         outcome_code="DIAGNOSIS//ICD10CM//C34.90",
+        outcome_name="malignant neoplasm of bronchus or lung",
         levels=SMOKING,
         level_probs=(0.55, 0.2, 0.25),
         outcome_probs=(0.03, 0.15, 0.6),
@@ -203,6 +218,7 @@ TASKS: dict[str, Task] = {
         signal_events=f"{CREATININE} numeric_value at the last draw at or before the prediction time",
         signal_visit=None,
         outcome_code="DIAGNOSIS//ICD10CM//N17.9",
+        outcome_name="acute kidney failure",
         levels=("normal", "raised"),
         level_probs=(0.75, 0.25),
         outcome_probs=(0.06, 0.75),
@@ -215,14 +231,14 @@ DEATH_RATE = (0.06, 0.3)  # P(death after the last visit) without / with any out
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """Every code, with its family, value distribution and place in panels. Arrays are indexed by code id."""
+    """Every code, with its value distribution and place in panels. Arrays are indexed by code id."""
 
     codes: np.ndarray  # str
     descriptions: list[str]
     parents: list[list[str]]
     mean: np.ndarray  # numeric codes: value distribution; NaN elsewhere
     sd: np.ndarray
-    scale: np.ndarray  # 10 ** decimals
+    scale: np.ndarray  # 10 ** decimals of the value
     text_offset: np.ndarray  # categorical codes: first value in `texts`; -1 elsewhere
     text_count: np.ndarray
     texts: np.ndarray  # str, every text_value (chart categories, blood pressures, smoking status)
@@ -231,8 +247,19 @@ class Vocabulary:
     complications: np.ndarray
     complication_weight: np.ndarray
     panels: list[np.ndarray]  # code ids per panel; panel 0 is the basic metabolic panel
-    panel_weight: np.ndarray
+    panel_weight: np.ndarray  # Zipf weights of panels 1.. (panel 0 is everyone's)
     index: dict[str, int]
+
+
+@dataclass(frozen=True)
+class _Code:
+    code: str
+    description: str
+    parents: tuple[str, ...] = ()
+    mean: float = np.nan
+    sd: float = np.nan
+    decimals: int = 0
+    values: tuple[str, ...] = ()  # categorical text values
 
 
 def _zipf(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
@@ -240,126 +267,119 @@ def _zipf(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(1.0 / np.arange(1, n + 1) ** exponent)
 
 
-def _icd10_codes(n: int, rng: np.random.Generator, letters: str) -> list[str]:
-    categories = rng.choice(len(letters) * 100, size=n, replace=True)
-    subs = rng.integers(0, 100, size=n)
-    out = {f"{letters[c // 100]}{c % 100:02d}.{s}" for c, s in zip(categories, subs, strict=True)}
-    return sorted(out)
+def _diagnosis(icd: str, description: str) -> _Code:
+    return _Code(f"DIAGNOSIS//ICD10CM//{icd}", f"{description} {icd}", (f"ICD10CM/{icd.split('.')[0]}",))
+
+
+def _icd10(n: int, letters: str, rng: np.random.Generator) -> list[str]:
+    """Up to n distinct ICD-10-like codes (letter, two digits, a dot and a subcode) in chapters `letters`."""
+    chapter = rng.integers(0, len(letters), n)
+    category, sub = rng.integers(0, 100, n), rng.integers(0, 100, n)
+    return sorted({f"{letters[c]}{k:02d}.{s}" for c, k, s in zip(chapter, category, sub, strict=True)})
+
+
+def _lab_panel(number: int, rng: np.random.Generator, loinc: list[int]) -> list[_Code]:
+    panel = []
+    for _ in range(int(rng.integers(5, 17))):
+        mean = float(np.exp(rng.uniform(-1, 6)))  # 0.4 .. 400 in some unit
+        unit = LAB_UNITS[rng.integers(len(LAB_UNITS))]
+        panel.append(
+            _Code(
+                f"LAB//{loinc.pop()}-{rng.integers(10)}//{unit}",
+                f"lab in panel {number}",
+                (f"PANEL/LAB{number}",),
+                mean=mean,
+                sd=mean * rng.uniform(0.05, 0.3),
+                decimals=int(np.clip(2 - np.floor(np.log10(mean)), 0, 3)),
+            )
+        )
+    return panel
+
+
+def _chart_panel(number: int, rng: np.random.Generator, item_ids: list[int]) -> list[_Code]:
+    sets = rng.integers(0, len(CHART_VALUE_SETS), int(rng.integers(5, 17)))
+    return [
+        _Code(
+            f"CHART//{item_ids.pop()}",
+            f"chart item in panel {number}",
+            (f"PANEL/CHART{number}",),
+            values=CHART_VALUE_SETS[s],
+        )
+        for s in sets
+    ]
+
+
+def _fixed_codes() -> list[_Code]:
+    """Codes every cohort has: MEDS anchors, sex, visits, vitals, the task signals and outcomes."""
+    plain = ("MEDS_BIRTH", "MEDS_DEATH", *SEX_CODES, VISIT_OUTPATIENT, VISIT_INPATIENT, DISCHARGE)
+    codes = [_Code(c, c.replace("//", " ").replace("_", " ").lower()) for c in plain]
+    codes.append(_Code(BP, "blood pressure, systolic/diastolic mmHg", values=BP_TEXTS))
+    codes += [_Code(c, name, mean=m, sd=s, decimals=d) for c, name, m, s, d in NUMERIC_CODES]
+    codes.append(_Code(TOBACCO, "tobacco use", values=SMOKING))
+    codes.append(_diagnosis(FAMILY_HISTORY_CHD.split("//")[-1], "family history of ischaemic heart disease"))
+    codes += [_diagnosis(t.outcome_code.split("//")[-1], t.outcome_name) for t in TASKS.values()]
+    return codes
 
 
 @functools.cache
 def build_vocabulary() -> Vocabulary:
-    """The cohort vocabulary (~4.4k codes), deterministic and shared by every seed."""
+    """The cohort vocabulary (~4.6k codes), deterministic and shared by every seed."""
     rng = np.random.default_rng(VOCAB_SEED)
-    task_codes = {t.outcome_code for t in TASKS.values()} | {FAMILY_HISTORY_CHD}
-    rows: list[tuple] = []  # (code, description, parents, mean, sd, decimals, value_set)
+    entries = _fixed_codes()
+    taken = {e.code for e in entries}
 
-    def add(code, description, parents=(), mean=np.nan, sd=np.nan, decimals=0, values=None):
-        rows.append((code, description, list(parents), mean, sd, decimals, values))
-        return len(rows) - 1
+    def add(new: list[_Code]) -> np.ndarray:
+        new = [e for e in new if e.code not in taken]  # a generated code may hit a task code
+        taken.update(e.code for e in new)
+        entries.extend(new)
+        return np.arange(len(entries) - len(new), len(entries))
 
-    for code in ("MEDS_BIRTH", "MEDS_DEATH", *SEX_CODES, VISIT_OUTPATIENT, VISIT_INPATIENT, DISCHARGE):
-        add(code, code.replace("//", " ").replace("_", " ").lower())
-    add(BP, "blood pressure, systolic/diastolic mmHg", values=("bp",))
-    for code, mean, sd, dec in NUMERIC_CODES:
-        add(code, code.split("//")[1].replace("_", " ").lower(), mean=mean, sd=sd, decimals=dec)
-    add(TOBACCO, "tobacco use", values=SMOKING)
-    for task in TASKS.values():
+    general = [
+        add([_diagnosis(icd, "diagnosis") for icd in _icd10(2400, "ABCDEFGHJKLMNOPQRSTZ", rng)]),
         add(
-            task.outcome_code,
-            f"diagnosis {task.outcome_code.split('//')[-1]}",
-            [f"ICD10CM/{task.outcome_code[-6:-3]}"],
-        )
-    add(FAMILY_HISTORY_CHD, "family history of ischaemic heart disease", ["ICD10CM/Z82"])
-
-    def diagnoses(n, letters, kind):
-        ids = []
-        for icd in _icd10_codes(n, rng, letters):
-            code = f"DIAGNOSIS//ICD10CM//{icd}"
-            if code not in task_codes:
-                ids.append(add(code, f"{kind} {icd}", [f"ICD10CM/{icd.split('.')[0]}"]))
-        return ids
-
-    general = diagnoses(2400, "ABCDEFGHJKLMNOPQRSTZ", "diagnosis")
-    complications = diagnoses(300, "Y", "complication")  # chapter Y: complications of care
-    meds_ids = rng.choice(np.arange(100_000, 2_000_000), size=1000, replace=False)
-    general += [
-        add(f"MEDICATION//RXNORM//{m}", f"medication RxNorm {m}", ["RXNORM"]) for m in np.sort(meds_ids)
-    ]
-    cpt = rng.choice(np.arange(10_000, 99_999), size=500, replace=False)
-    general += [add(f"PROCEDURE//CPT4//{c}", f"procedure CPT {c}", ["CPT4"]) for c in np.sort(cpt)]
-
-    panels = [
-        np.array(
             [
-                add(c, f"basic metabolic panel {c.split('//')[1]}", ["PANEL/BMP"], m, s, d)
-                for c, m, s, d in BASIC_PANEL
+                _Code(f"MEDICATION//RXNORM//{m}", f"medication RxNorm {m}", ("RXNORM",))
+                for m in np.sort(rng.choice(np.arange(100_000, 2_000_000), 1000, replace=False))
             ]
-        )
+        ),
+        add(
+            [
+                _Code(f"PROCEDURE//CPT4//{c}", f"procedure CPT {c}", ("CPT4",))
+                for c in np.sort(rng.choice(np.arange(10_000, 100_000), 500, replace=False))
+            ]
+        ),
     ]
-    loinc = iter(rng.choice(np.arange(10_000, 99_999), size=2000, replace=False))
-    for p in range(30):
-        size = int(rng.integers(5, 17))
-        panel = []
-        for _ in range(size):
-            mean = float(np.exp(rng.uniform(-1, 6)))
-            panel.append(
-                add(
-                    f"LAB//{next(loinc)}-{rng.integers(10)}//{LAB_UNITS[rng.integers(len(LAB_UNITS))]}",
-                    f"lab in panel {p + 1}",
-                    [f"PANEL/LAB{p + 1}"],
-                    mean=mean,
-                    sd=mean * rng.uniform(0.05, 0.3),
-                    decimals=int(np.clip(2 - np.floor(np.log10(mean)), 0, 3)),
-                )
-            )
-        panels.append(np.array(panel))
-    chart_ids = iter(rng.choice(np.arange(220_000, 230_000), size=1000, replace=False))
-    for p in range(20):
-        size = int(rng.integers(5, 17))
-        values = [CHART_VALUE_SETS[i] for i in rng.integers(0, len(CHART_VALUE_SETS), size=size)]
-        panels.append(
-            np.array(
-                [
-                    add(
-                        f"CHART//{next(chart_ids)}",
-                        f"chart item in panel {p + 1}",
-                        [f"PANEL/CHART{p + 1}"],
-                        values=v,
-                    )
-                    for v in values
-                ]
-            )
-        )
+    # ICD-10 chapter Y holds complications of medical care (Y40-Y84).
+    complications = add([_diagnosis(icd, "complication") for icd in _icd10(300, "Y", rng)])
+    basic = [
+        _Code(c, f"{name} (basic metabolic panel)", ("PANEL/BMP",), m, s, d)
+        for c, name, m, s, d in BASIC_PANEL
+    ]
+    panels = [add(basic)]
+    loinc = list(rng.choice(np.arange(10_000, 100_000), 2000, replace=False))
+    panels += [add(_lab_panel(p + 1, rng, loinc)) for p in range(N_LAB_PANELS)]
+    chart_ids = list(rng.choice(np.arange(220_000, 230_000), 1000, replace=False))
+    panels += [add(_chart_panel(p + 1, rng, chart_ids)) for p in range(N_CHART_PANELS)]
 
-    codes = np.array([r[0] for r in rows])
-    if len(set(codes)) != len(codes):
-        raise RuntimeError("synthetic vocabulary has duplicate codes; change VOCAB_SEED")
-    texts, offset, count = [], np.full(len(rows), -1), np.zeros(len(rows), dtype=np.int64)
-    bp_texts = [f"{s}/{d}" for s in SYSTOLIC for d in DIASTOLIC]
-    for i, r in enumerate(rows):
-        if r[6] is not None:
-            values = bp_texts if r[6] == ("bp",) else list(r[6])
-            offset[i], count[i] = len(texts), len(values)
-            texts += values
-    decimals = np.array([r[5] for r in rows])
+    text_count = np.array([len(e.values) for e in entries])
+    general_ids = np.concatenate(general)
     return Vocabulary(
-        codes=codes,
-        descriptions=[r[1] for r in rows],
-        parents=[r[2] for r in rows],
-        mean=np.array([r[3] for r in rows], dtype=np.float64),
-        sd=np.array([r[4] for r in rows], dtype=np.float64),
-        scale=10.0**decimals,
-        text_offset=offset,
-        text_count=count,
-        texts=np.array(texts),
-        general=np.array(general),
-        general_weight=_zipf(len(general), 1.0, rng),
-        complications=np.array(complications),
+        codes=np.array([e.code for e in entries]),
+        descriptions=[e.description for e in entries],
+        parents=[list(e.parents) for e in entries],
+        mean=np.array([e.mean for e in entries]),
+        sd=np.array([e.sd for e in entries]),
+        scale=10.0 ** np.array([e.decimals for e in entries]),
+        text_offset=np.where(text_count > 0, np.cumsum(text_count) - text_count, -1),
+        text_count=text_count,
+        texts=np.array([v for e in entries for v in e.values]),
+        general=general_ids,
+        general_weight=_zipf(len(general_ids), 1.0, rng),
+        complications=complications,
         complication_weight=_zipf(len(complications), 1.0, rng),
         panels=panels,
         panel_weight=_zipf(len(panels) - 1, 0.8, rng),
-        index={c: i for i, c in enumerate(codes)},
+        index={e.code: i for i, e in enumerate(entries)},
     )
 
 
@@ -368,6 +388,7 @@ def build_vocabulary() -> Vocabulary:
 # ---------------------------------------------------------------------------------------------------
 
 STREAMS = ("dials", "visits", "times", "content", "panels", "values", "tasks", "static")
+DIALS = ("copy_forward", "irregularity", "progression")  # SyntheticConfig fields, each a Dials field
 START, DAILY, END = 0, 1, 2  # timestamp kinds: visit start, inpatient morning draw, discharge
 
 
@@ -474,11 +495,7 @@ def draw_dials(cfg: SyntheticConfig, index: int) -> Dials:
     """
     shift = np.random.default_rng([cfg.seed, STREAMS.index("dials")]).random(len(HALTON_BASES))
     u = [(_radical_inverse(index + 1, b) + s) % 1.0 for b, s in zip(HALTON_BASES, shift, strict=True)]
-    return Dials(
-        copy_forward=_subject_dial(cfg.copy_forward, u[0]),
-        irregularity=_subject_dial(cfg.irregularity, u[1]),
-        progression=_subject_dial(cfg.progression, u[2]),
-    )
+    return Dials(**{dial: _subject_dial(getattr(cfg, dial), q) for dial, q in zip(DIALS, u, strict=True)})
 
 
 def plan_visits(rng: np.random.Generator) -> Plan:
@@ -495,19 +512,16 @@ def plan_visits(rng: np.random.Generator) -> Plan:
 def visit_timestamps(rng: np.random.Generator, plan: Plan, irregularity: float) -> tuple[Timestamps, float]:
     """Times of every timestamp, and the birth day.
 
-    The gap from one visit's end to the next visit's start is 1 day plus a gamma variable, with mean
-    MEAN_GAP_DAYS whatever the irregularity and coefficient of variation MAX_GAP_CV * irregularity.
-    Visits start in clinic hours, morning draws at 06:00, discharges at 14:00.
+    The gaps between visits come from `visit_gaps`. Visits start in clinic hours, inpatient morning
+    draws at 06:00, discharges at 14:00.
     """
     n = plan.n_visits
     first = EPOCH_DAY_1990 + rng.uniform(0, 3650)
     age = rng.uniform(18, 75) * 365.25
     clock = rng.uniform(8 / 24, 17 / 24, n)
-    cv = MAX_GAP_CV * irregularity
-    mean = MEAN_GAP_DAYS - MIN_GAP_DAYS
-    gamma = rng.gamma(1 / cv**2, mean * cv**2, n - 1) if cv > 0 else np.full(n - 1, mean)
+    gaps = visit_gaps(rng, n - 1, irregularity)
     length = np.where(plan.inpatient, plan.stay + 0.5, 0.0)
-    chain = first + np.concatenate([[0.0], np.cumsum(length[:-1] + MIN_GAP_DAYS + gamma)])
+    chain = first + np.concatenate([[0.0], np.cumsum(length[:-1] + gaps)])
     start = np.floor(chain) + clock
 
     per_visit = np.where(plan.inpatient, plan.stay + 2, 1)
@@ -519,6 +533,30 @@ def visit_timestamps(rng: np.random.Generator, plan: Plan, irregularity: float) 
     day = np.where(kind == START, start[visit], np.floor(start[visit]) + offset)
     day = np.round(day * 1440) / 1440
     return Timestamps(visit, kind, day), float(np.floor(first - age))
+
+
+def visit_gaps(rng: np.random.Generator, n: int, irregularity: float) -> np.ndarray:
+    """n gaps (days) from one visit's end to the next start, with mean exactly MEAN_GAP_DAYS.
+
+    A share MAX_BURST_SHARE * irregularity of them (exactly, at random places) are bursts of
+    MIN_GAP_DAYS plus a short exponential; the rest share what is left of the total, with a mild gamma
+    jitter. The std of the gaps then rises steadily with the dial: (mean - burst) * sqrt(s / (1 - s)) for
+    a burst share s. An exact count and an exact total, rather than independent draws, keep each
+    subject's measured std close to what its dial implies (heavy-tailed gaps would make the sample std
+    too noisy to rank subjects by), and the draws do not depend on the dial, so a higher irregularity
+    turns a superset of the same gaps into bursts.
+    """
+    order = rng.permutation(n)
+    burst = MIN_GAP_DAYS + rng.exponential(BURST_EXTRA_DAYS, n)
+    jitter = rng.gamma(LONG_GAP_SHAPE, 1.0 / LONG_GAP_SHAPE, n)
+    is_burst = np.zeros(n, dtype=bool)
+    is_burst[order[: int(round(MAX_BURST_SHARE * irregularity * n))]] = (
+        True  # MAX_BURST_SHARE < 1: some stay long
+    )
+    room = MEAN_GAP_DAYS * n - burst[is_burst].sum()  # what the long gaps must add up to
+    gaps = burst.copy()
+    gaps[~is_burst] = jitter[~is_burst] * room / jitter[~is_burst].sum()
+    return gaps
 
 
 def _weighted_order(rng: np.random.Generator, weights: np.ndarray) -> np.ndarray:
@@ -656,8 +694,9 @@ def assemble(
     items: np.ndarray,
     tasks: TaskEvents,
     vocab: Vocabulary,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Codes, days and preset values (task events) of every visit event, timestamp by timestamp.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes and days of every visit event, timestamp by timestamp, and for each event its row in
+    `tasks` (-1 for the events that do not come from a task).
 
     A timestamp is up to four segments, in order: its header, the last `level` panels of the block,
     the visit's problem list and task events (both at visit starts only). Every segment is a slice of
@@ -668,8 +707,6 @@ def assemble(
     header_len = np.array([len(h) for h in HEADERS])
     pool = np.concatenate([header_codes, block, items, tasks.code])
     base = np.cumsum([0, len(header_codes), len(block), len(items)])  # where each part starts in the pool
-    preset_numeric = np.concatenate([np.full(len(pool) - len(tasks.code), np.nan), tasks.numeric])
-    preset_text = np.concatenate([np.full(len(pool) - len(tasks.code), -1), tasks.text])
 
     is_start = ts.kind == START
     header = np.where(is_start, plan.inpatient[ts.visit], np.where(ts.kind == DAILY, 2, 3))
@@ -696,7 +733,7 @@ def assemble(
     )
     gather = _ranges(seg_start.ravel(), seg_len.ravel())
     days = np.repeat(ts.day, seg_len.sum(axis=1))
-    return pool[gather], days, preset_numeric[gather], preset_text[gather]
+    return pool[gather], days, np.where(gather >= base[3], gather - base[3], -1)
 
 
 def draw_values(
@@ -741,12 +778,14 @@ def generate_subject(
     level = panel_levels(panels_rng, ts, plan, dials.progression)
     latent = latent or draw_latent(_rng(cfg.seed, index, "tasks"))
 
-    codes, days, preset_numeric, preset_text = assemble(
-        ts, plan, level, panels, items, task_events(plan, latent, vocab), vocab
-    )
-    numeric, text = draw_values(_rng(cfg.seed, index, "values"), codes, vocab)
-    numeric = np.where(np.isnan(preset_numeric), numeric, preset_numeric)
-    text = np.where(preset_text < 0, text, preset_text)
+    tasks = task_events(plan, latent, vocab)
+    codes, days, task_row = assemble(ts, plan, level, panels, items, tasks, vocab)
+    # Values are drawn for the routine events only, whose number does not depend on the latent truth,
+    # so a counterfactual truth changes no value but its own signals.
+    numeric, text = np.full(len(codes), np.nan), np.full(len(codes), -1)
+    routine = task_row < 0
+    numeric[routine], text[routine] = draw_values(_rng(cfg.seed, index, "values"), codes[routine], vocab)
+    numeric[~routine], text[~routine] = tasks.numeric[task_row[~routine]], tasks.text[task_row[~routine]]
     prediction_day = float(ts.day[ts.visit == plan.prediction_visit].max())
     if latent.level["acute_kidney_injury"] == 1:
         numeric[np.flatnonzero((codes == idx[CREATININE]) & (days <= prediction_day))[-1]] = (
@@ -756,10 +795,9 @@ def generate_subject(
     # The static sex row and MEDS_BIRTH open the timeline; MEDS_DEATH (for some) closes it.
     sex = SEX_CODES[int(_rng(cfg.seed, index, "static").random() < 0.5)]
     tail = [idx["MEDS_DEATH"]] if latent.death else []
+    death_day = [_minute(ts.day[-1] + latent.death_delay_days())] if latent.death else []
     codes = np.concatenate([[idx[sex], idx["MEDS_BIRTH"]], codes, tail]).astype(np.int64)
-    days = np.concatenate(
-        [[np.nan, birth_day], days, _minute(ts.day[-1] + latent.death_delay_days())[None][: len(tail)]]
-    )
+    days = np.concatenate([[np.nan, birth_day], days, death_day])
     numeric = np.concatenate([[np.nan, np.nan], numeric, [np.nan] * len(tail)])
     text = np.concatenate([[-1, -1], text, [-1] * len(tail)]).astype(np.int64)
     record = subject_record(plan, dials, latent, ts, days, prediction_day, reused)
@@ -783,7 +821,7 @@ def subject_record(
         "prediction_visit": plan.prediction_visit,
         "n_events": len(days),
         "n_events_before_prediction": n_before,
-        "gap_cv": MAX_GAP_CV * dials.irregularity,
+        "burst_share": MAX_BURST_SHARE * dials.irregularity,
         "growth": MAX_GROWTH * dials.progression,
         "problem_codes_reused": reused,
         "death": latent.death,
@@ -819,7 +857,7 @@ def check_config(cfg: SyntheticConfig) -> None:
         raise ConfigError(
             f"seed={cfg.seed}: seeds are non-negative integers (numpy SeedSequence); pass e.g. seed=0."
         )
-    for name in ("copy_forward", "irregularity", "progression"):
+    for name in DIALS:
         value = getattr(cfg, name)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(
@@ -833,7 +871,7 @@ def subject_ids(n_subjects: int) -> np.ndarray:
 
 def shard_plan(cfg: SyntheticConfig) -> list[tuple[str, int, np.ndarray]]:
     """(split, shard number, subject indices) for every data shard: hash splits, SHARD_SUBJECTS per shard."""
-    split = hash_splits(subject_ids(cfg.n_subjects))  # the split ehrlong.data.meds gives a root without a file
+    split = hash_splits(subject_ids(cfg.n_subjects))  # as ehrlong.data.meds splits a root without a file
     out = []
     for name in SPLITS:
         members = np.flatnonzero(split == name)
@@ -865,20 +903,21 @@ def _events_table(subjects: list[Subject], ids: np.ndarray, vocab: Vocabulary) -
 
 
 def _record_table(subjects: list[Subject], ids: np.ndarray, split: str) -> pa.Table:
-    """One metadata/subject_dials.parquet row per subject: dials, latent levels, counts."""
-    rows = []
-    for sid, s in zip(ids, subjects, strict=True):
-        row = {"subject_id": int(sid), "split": split, **dataclasses.asdict(s.dials)}
-        row["prediction_time"] = int(_time_us(np.array([s.prediction_day]))[0])
-        row.update({f"{name}_level": TASKS[name].levels[level] for name, level in s.latent.level.items()})
-        row.update(s.record)
-        rows.append(row)
-    table = pa.Table.from_pylist(rows)
-    return table.set_column(
-        table.schema.get_field_index("prediction_time"),
-        "prediction_time",
-        table["prediction_time"].cast(pa.timestamp("us")),
-    )
+    """One metadata/subject_dials.parquet row per subject: dials, prediction time, latent levels, counts."""
+    columns = {
+        "subject_id": pa.array(ids, pa.int64()),
+        "split": pa.array([split] * len(ids), pa.string()),
+        **{dial: [getattr(s.dials, dial) for s in subjects] for dial in DIALS},
+        "prediction_time": pa.array(
+            _time_us(np.array([s.prediction_day for s in subjects])), pa.timestamp("us")
+        ),
+        **{
+            f"{name}_level": [task.levels[s.latent.level[name]] for s in subjects]
+            for name, task in TASKS.items()
+        },
+        **{key: [s.record[key] for s in subjects] for key in subjects[0].record},
+    }
+    return pa.table(columns)
 
 
 def _label_tables(records: pa.Table, outcomes: dict[str, list[bool]]) -> dict[str, pa.Table]:
@@ -924,7 +963,7 @@ def _summary(records: pa.Table, labels: dict[str, pa.Table], counts: dict[str, i
         "subjects": records.num_rows,
         "events": int(n_events.sum()),
         "events_per_subject": _quantiles(n_events),
-        "share_over_16k_events": float(np.mean(n_events > 16_384)),
+        "share_over_16k_events": float(np.mean(n_events > LONG_CONTEXT)),
         "events_with_numeric_value": counts["numeric"],
         "events_with_text_value": counts["text"],
         "codes_used": counts["codes"],
@@ -948,7 +987,10 @@ def _tasks_json(labels: dict[str, pa.Table]) -> dict:
                 "signal_events": task.signal_events,
                 "outcome_code": task.outcome_code,
                 "label_rule": f"true iff {task.outcome_code} occurs after prediction_time",
-                "prediction_time": "the last timestamp of a visit 6-14 visits before the subject's last visit",
+                "prediction_time": (
+                    f"the last timestamp of a visit {N_VISITS_AFTER_PREDICTION[0]}-"
+                    f"{N_VISITS_AFTER_PREDICTION[1] - 1} visits before the subject's last visit"
+                ),
                 "n": int(len(y)),
                 "n_positive": int(y.sum()),
                 "prevalence": float(y.mean()),
@@ -975,22 +1017,18 @@ def _dataset_json(cfg: SyntheticConfig) -> dict:
         "dataset_version": cohort_name(cfg),
         "etl_name": "ehrlong.data.synthetic",
         "etl_version": f"{ehrlong.__version__}+generator{GENERATOR_VERSION}",
-        "meds_version": _meds_version(),
+        "meds_version": package_version("meds"),
         "license": "CC0-1.0 (synthetic: no real patient)",
     }
     meds.DatasetMetadataSchema.validate(meta)
     return meta
 
 
-def _meds_version() -> str:
-    from importlib.metadata import version
-
-    return version("meds")
-
-
-def _write_cohort(cfg: SyntheticConfig, root: Path, progress: bool) -> dict:
-    """Write every file of the cohort under `root` (which exists and is empty); returns the summary."""
-    vocab = build_vocabulary()
+def _write_shards(
+    cfg: SyntheticConfig, root: Path, vocab: Vocabulary, progress: bool
+) -> tuple[pa.Table, dict[str, list[bool]], dict[str, int]]:
+    """Generate and write data/<split>/<k>.parquet; return the subject records and outcomes (sorted by
+    subject id) and counts of values and codes for the summary."""
     ids = subject_ids(cfg.n_subjects)
     records, outcomes = [], {name: [] for name in TASKS}
     counts = {"numeric": 0, "text": 0}
@@ -1001,30 +1039,34 @@ def _write_cohort(cfg: SyntheticConfig, root: Path, progress: bool) -> dict:
             for i in members:
                 subjects.append(generate_subject(cfg, int(i), vocab))
                 bar.update()
+            table = _events_table(subjects, ids[members], vocab)
             path = root / meds.data_subdirectory / split / f"{k}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
-            table = _events_table(subjects, ids[members], vocab)
             pq.write_table(table, path)
-            counts["numeric"] += table["numeric_value"].length() - table["numeric_value"].null_count
-            counts["text"] += table["text_value"].length() - table["text_value"].null_count
+            counts["numeric"] += len(table) - table["numeric_value"].null_count
+            counts["text"] += len(table) - table["text_value"].null_count
             for s in subjects:
                 codes_used[s.codes] = True
             records.append(_record_table(subjects, ids[members], split))
             for name in TASKS:
                 outcomes[name] += [s.latent.outcome[name] for s in subjects]
     counts["codes"] = int(codes_used.sum())
-
     order = np.argsort(np.concatenate([np.asarray(r["subject_id"]) for r in records]), kind="stable")
-    records_table = pa.concat_tables(records).take(order)
-    outcomes = {name: list(np.asarray(v)[order]) for name, v in outcomes.items()}
-    labels = _label_tables(records_table, outcomes)
+    return (
+        pa.concat_tables(records).take(order),
+        {k: list(np.asarray(v)[order]) for k, v in outcomes.items()},
+        counts,
+    )
 
-    metadata = root / "metadata"
-    metadata.mkdir(exist_ok=True)
-    splits = records_table.select(["subject_id", "split"])
+
+def _write_metadata(
+    cfg: SyntheticConfig, root: Path, vocab: Vocabulary, records: pa.Table, labels: dict[str, pa.Table]
+) -> None:
+    (root / "metadata").mkdir(exist_ok=True)
+    splits = records.select(["subject_id", "split"])
     meds.SubjectSplitSchema.validate(splits)
     pq.write_table(splits, root / meds.subject_splits_filepath)
-    pq.write_table(records_table, metadata / "subject_dials.parquet")
+    pq.write_table(records, root / "metadata" / "subject_dials.parquet")
     pq.write_table(_codes_table(vocab), root / meds.code_metadata_filepath)
     _write_json(root / meds.dataset_metadata_filepath, _dataset_json(cfg))
     (root / "labels").mkdir()
@@ -1032,21 +1074,24 @@ def _write_cohort(cfg: SyntheticConfig, root: Path, progress: bool) -> dict:
         pq.write_table(table, root / "labels" / f"{name}.parquet")
     _write_json(root / "labels" / "tasks.json", _tasks_json(labels))
 
-    summary = _summary(records_table, labels, counts)
-    files = {
-        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+
+def _manifest(root: Path) -> dict[str, dict]:
+    return {
+        p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-    _write_json(
-        metadata / "synthetic.json",
-        {
-            "generator_version": GENERATOR_VERSION,
-            "config": dataclasses.asdict(cfg),
-            "summary": summary,
-            "files": files,
-        },
-    )
+
+
+def _write_cohort(cfg: SyntheticConfig, root: Path, progress: bool) -> dict:
+    """Write every file of the cohort under `root` (which exists and is empty); returns the summary."""
+    vocab = build_vocabulary()
+    records, outcomes, counts = _write_shards(cfg, root, vocab, progress)
+    labels = _label_tables(records, outcomes)
+    _write_metadata(cfg, root, vocab, records, labels)
+    summary = _summary(records, labels, counts)
+    record = {"generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(cfg), "summary": summary}
+    _write_json(root / "metadata" / "synthetic.json", {**record, "files": _manifest(root)})
     return summary
 
 
@@ -1095,7 +1140,7 @@ def generate(cfg: SyntheticConfig, out: Path, progress: bool = True) -> dict:
     try:
         summary = _write_cohort(cfg, tmp, progress)
         try:
-            os.replace(tmp, out) if not out.exists() else os.rename(tmp, out)
+            os.replace(tmp, out)  # POSIX: replaces an empty folder, fails on a non-empty one
         except OSError:
             # Another process finished the same cohort first: keep theirs if it is identical.
             earlier = _earlier_cohort(cfg, out)

@@ -96,13 +96,12 @@ def _dense(keys: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _rr_by_subject(gram_ids: np.ndarray, subject: np.ndarray, n_subjects: int) -> np.ndarray:
-    """RR per subject for n-gram keys that are already scoped to one subject; NaN where none."""
-    gram_ids, n_types = _dense(gram_ids)
-    counts = np.bincount(gram_ids, minlength=n_types)
-    type_subject = np.zeros(n_types, dtype=np.int64)
-    type_subject[gram_ids] = subject
-    distinct = np.bincount(type_subject, minlength=n_subjects)
-    repeated = np.bincount(type_subject, weights=counts > 1, minlength=n_subjects)
+    """RR per subject from n-gram ids scoped to one subject (ids need not be contiguous); NaN where none."""
+    counts = np.bincount(gram_ids)
+    owner = np.zeros(len(counts), dtype=np.int64)
+    owner[gram_ids] = subject
+    distinct = np.bincount(owner[counts > 0], minlength=n_subjects)
+    repeated = np.bincount(owner[counts > 1], minlength=n_subjects)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(distinct > 0, repeated / np.maximum(distinct, 1), np.nan)
 
