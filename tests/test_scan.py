@@ -89,7 +89,7 @@ def assert_all_close(got, want, norm_tol, elem_tol=None):
 
 @pytest.mark.parametrize("init", ["mamba", "stress"])
 @pytest.mark.parametrize("length", [1, 17, 129, 300])
-@pytest.mark.parametrize("chunk_size, segment_size", [(16, 128), (4, 8)])
+@pytest.mark.parametrize("chunk_size, segment_size", [(16, 128), (4, 8)])  # over batch 2: 64 and 4 per row
 def test_chunked_matches_reference_float32(init, length, chunk_size, segment_size):
     inputs = make_inputs(2, 8, 4, length, init=init)
     want = run(selective_scan_ref, inputs)
@@ -110,12 +110,13 @@ OPTIONAL_SETS = {
 @pytest.mark.parametrize("optional", OPTIONAL_SETS)
 @pytest.mark.parametrize("softplus", [False, True])
 def test_chunked_matches_reference_float64(optional, softplus):
-    inputs = make_inputs(2, 5, 3, 45, dtype=torch.float64, seed=2)
+    inputs = make_inputs(3, 5, 3, 45, dtype=torch.float64, seed=2)
     if not softplus:  # without the softplus, delta + delta_bias is dt itself and must be >= 0
         inputs["delta"], inputs["delta_bias"] = inputs["delta"].abs(), inputs["delta_bias"].abs()
     use = ("u", "delta", "A", "B", "C", *OPTIONAL_SETS[optional])
     want = run(selective_scan_ref, inputs, use=use, delta_softplus=softplus)
-    got = run(selective_scan, inputs, use=use, delta_softplus=softplus, chunk_size=4, segment_size=12)
+    # batch 3: 28 // 3 = 9 tokens per row, rounded down to 2 whole chunks of 4
+    got = run(selective_scan, inputs, use=use, delta_softplus=softplus, chunk_size=4, segment_size=28)
     assert_all_close(got, want, norm_tol=1e-12)
 
 
@@ -143,7 +144,8 @@ def test_gradcheck_float64():
     leaves = [x[k].clone().requires_grad_() for k in NAMES]
 
     def fn(*args):
-        return selective_scan(*args[:8], True, True, args[8], chunk_size=2, segment_size=4)
+        # batch 2: segments of 4 tokens per row, 2 chunks of 2; L=7 is padded to 8
+        return selective_scan(*args[:8], True, True, args[8], chunk_size=2, segment_size=8)
 
     assert torch.autograd.gradcheck(fn, leaves)
 
