@@ -108,7 +108,7 @@ class MambaConfig:
     dt_rank: int | None = None  # null = ceil(d_model / 16), as in mamba_ssm
     kernels: str = "auto"  # auto (mamba-ssm on CUDA when importable) | torch (the chunked CPU scan always)
     scan_chunk: int = 16  # chunked CPU scan: tokens per local scan (research/proto_mamba_scan.md sweep)
-    scan_segment: int = 128  # tokens whose states are recomputed together in backward
+    scan_segment: int = 128  # tokens (summed over the batch) whose states are recomputed together in backward
 
 
 @dataclass
@@ -143,7 +143,7 @@ class OptimConfig:
     weight_decay: float = 0.1  # not applied to norms, biases and embeddings
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    warmup_steps: int = 20
+    warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine floor as a share of lr
     grad_clip: float = 1.0
 

@@ -35,8 +35,8 @@ class Args:
     size: str = "tiny"
     vocab_size: int = 8192
     batch_size: int = 1
-    rounds: int = 3  # alternating rounds; each measures `steps` timed steps after one warm-up step
-    steps: int = 1
+    rounds: int = 3  # alternating rounds; each runs one short warm-up step, then `steps` timed steps
+    steps: int = 2  # timed steps per process; the fastest counts (the first long step also pays page faults)
     threads: int = 0  # torch threads; 0 = torch's default (all cores)
     out: str = "throughput"  # folder for the PNG and the JSON of all measurements
     overrides: list[str] = field(default_factory=list)  # extra TrainConfig key=value for the backbones

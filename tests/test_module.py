@@ -98,6 +98,8 @@ def test_chunked_cross_entropy_matches_full(monkeypatch):
     full = nn.functional.cross_entropy(h @ w.T, y, reduction="none")
     chunked = chunked_cross_entropy(h, w, y)
     torch.testing.assert_close(chunked, full)
+    with torch.no_grad():  # evaluation takes the plain chunked path
+        torch.testing.assert_close(chunked_cross_entropy(h, w, y), full.detach())
     g_full = torch.autograd.grad(full.sum(), (h, w))
     g_chunk = torch.autograd.grad(chunked_cross_entropy(h, w, y).sum(), (h, w))
     for a, b in zip(g_full, g_chunk, strict=True):

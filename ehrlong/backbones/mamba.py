@@ -103,7 +103,7 @@ class MambaMixer(nn.Module):
         x_dbl = self.x_proj(x.transpose(1, 2))  # [B, T, dt_rank + 2N]
         dt, b, c = torch.split(x_dbl, [d.dt_rank, d.d_state, d.d_state], dim=-1)
         delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # bias is applied inside the scan
-        return delta, b.transpose(1, 2).contiguous(), c.transpose(1, 2).contiguous()
+        return delta, b.transpose(1, 2), c.transpose(1, 2)  # views: the scan reads them time-major
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # h [B, T, d_model]
