@@ -156,6 +156,9 @@ class EHRLitModule(L.LightningModule):
             if self._val_counts[i] > 0:
                 bucket_loss = float(self._val_sums[i] / self._val_counts[i])
                 self.log(f"val_by_position/loss_{lo}_{hi}", bucket_loss, sync_dist=True)
+                self.log(
+                    f"val_by_position/perplexity_{lo}_{hi}", math.exp(min(bucket_loss, 50.0)), sync_dist=True
+                )
 
     def val_loss_by_position(self) -> dict[str, float]:
         out = {}
