@@ -300,10 +300,13 @@ def parse(
     argv: Sequence[str],
     presets_dir: Path | None = None,
     prog: str = "ehrlong",
+    base: tuple[Path, dict] | None = None,
 ) -> T:
     """Parse `config=NAME key=value ...` into a validated instance of `schema`.
 
-    `presets_dir=None` means the command has no presets (`config=` is then an error).
+    `presets_dir=None` means the command has no presets (`config=` is then an error). `base` is a
+    (file, nested mapping) layer applied under the preset and the command line, e.g. a saved run's
+    config.yaml when resuming; its keys are checked like a preset's.
     """
     valid = flat_keys(schema)
     preset: str | None = None
@@ -337,6 +340,10 @@ def parse(
 
     cfg = OmegaConf.structured(schema)
     try:
+        if base is not None:
+            path, mapping = base
+            _check_keys(mapping, valid, f"in {path}")
+            cfg = OmegaConf.merge(cfg, mapping)
         if preset is not None:
             path = presets_dir / f"{preset}.yaml"
             if not path.is_file():

@@ -32,7 +32,6 @@ from ehrlong.errors import ConfigError, run_cli
 from ehrlong.paths import runs_root
 
 PROG = "python -m ehrlong.train"
-RUN_FILES = ("config.yaml", "tokenizer.json")
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -51,7 +50,7 @@ def resolve_data_root(cfg: TrainConfig) -> Path:
     return Path(cfg.data.root)
 
 
-def unigram_loss(store) -> float:
+def unigram_loss(store, vocab_size: int) -> float:
     """Cross-entropy of the train-split unigram distribution (add-one) on tuning next-token targets:
     the floor a model must beat to have learned anything about order or context."""
     lengths = np.diff(store.offsets)
@@ -62,9 +61,8 @@ def unigram_loss(store) -> float:
         return np.repeat(in_split, lengths)
 
     tokens = np.asarray(store.tokens)
-    vocab = int(tokens.max()) + 1
-    counts = np.bincount(tokens[token_mask("train")], minlength=vocab).astype(np.float64)
-    logp = np.log((counts + 1) / (counts.sum() + vocab))
+    counts = np.bincount(tokens[token_mask("train")], minlength=vocab_size).astype(np.float64)
+    logp = np.log((counts + 1) / (counts.sum() + vocab_size))
     targets = token_mask("tuning")
     targets[store.offsets[:-1][lengths > 0]] = False  # a subject's first token is nobody's target
     return float(-logp[tokens[targets]].mean()) if targets.any() else float("nan")
@@ -91,24 +89,10 @@ def load_resume_config(run_dir: Path, argv: Sequence[str]) -> TrainConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"resume={run_dir}: no config.yaml there. Pass a run directory written by {PROG}.")
-    saved = parse(TrainConfig, [])
-    flat = to_flat_dict(saved)
-    loaded = yaml.safe_load(path.read_text())
-    base = [f"{k}={json.dumps(v)}" for k, v in _flatten(loaded).items() if k in flat]
     overrides = [a for a in argv if not a.startswith(("config=", "resume="))]
-    cfg = parse(TrainConfig, base + overrides, prog=PROG)
+    cfg = parse(TrainConfig, overrides, prog=PROG, base=(path, yaml.safe_load(path.read_text()) or {}))
     cfg.resume = str(run_dir)
     return cfg
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def save_model(module, tokenizer_hash: str, cfg: TrainConfig, path: Path) -> None:
@@ -149,14 +133,13 @@ def main(argv: Sequence[str]) -> int:
     from ehrlong.data.meds import dataset_name
     from ehrlong.data.store import TokenStore, ensure_store
     from ehrlong.module import EHRLitModule
-    from ehrlong.tokenizer import EventTokenizer
     from ehrlong.tracking import make_logger, tracking_uri
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     root = resolve_data_root(cfg)
     store_dir = ensure_store(root, cfg.data.tokenizer)
     store = TokenStore.open(store_dir)
-    tokenizer = EventTokenizer.load(store_dir / "tokenizer.json")
+    tokenizer = store.tokenizer
 
     if cfg.resume:
         run_dir = Path(cfg.resume)
@@ -182,7 +165,10 @@ def main(argv: Sequence[str]) -> int:
     )
 
     # Resume at the same data position: the plan is deterministic, so skip what earlier steps consumed.
-    start_step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] if ckpt else 0
+    # mmap: read the step without loading the checkpoint's tensors (Lightning loads them again in fit).
+    start_step = (
+        torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"] if ckpt else 0
+    )
     train_data = TrainBatches(
         store, "train", cfg.context_length, budget, per_step, cfg.seed, start_step * per_step
     )
@@ -251,7 +237,7 @@ def main(argv: Sequence[str]) -> int:
     # Final validation over the whole tuning split, loss by position bucket, and the unigram floor.
     trainer.limit_val_batches = 1.0
     val = trainer.validate(module, dataloaders=to_loader(val_data), verbose=False)[0]
-    unigram = unigram_loss(store)
+    unigram = unigram_loss(store, tokenizer.vocab_size)
     metrics = {
         "val_loss": val.get("val/loss"),
         "val_perplexity": val.get("val/perplexity"),

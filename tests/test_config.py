@@ -113,3 +113,16 @@ def test_list_fields_take_repeats_and_commas_and_required_fields_are_enforced():
 def test_flat_keys_and_flat_dict_agree():
     cfg = TrainConfig()
     assert set(flat_keys(TrainConfig)) == set(to_flat_dict(cfg))
+
+
+def test_base_layer_sits_under_the_command_line_and_its_keys_are_checked(tmp_path):
+    saved = tmp_path / "config.yaml"
+    cfg = parse(
+        TrainConfig,
+        ["trainer.max_steps=9"],
+        base=(saved, {"backbone": "transformer", "trainer": {"max_steps": 3}}),
+    )
+    assert cfg.backbone == "transformer" and cfg.trainer.max_steps == 9
+    with pytest.raises(ConfigError) as e:
+        parse(TrainConfig, [], base=(saved, {"trainer": {"max_stepz": 3}}))
+    assert "config.yaml" in str(e.value) and "trainer.max_stepz" in str(e.value)
