@@ -118,7 +118,18 @@ class TransformerConfig:
     n_heads: int | None = None  # null = from the size table
     n_kv_heads: int | None = None  # null = n_heads (no grouped-query attention)
     ffn_dim: int | None = None  # null = 4 * d_model
-    attn_implementation: str = "sdpa"  # sdpa | eager
+    attn_implementation: str = "sdpa"  # sdpa | eager (dense); attention.pattern other than dense overrides
+
+
+@dataclass
+class AttentionConfig:
+    """Sparse causal attention patterns (ehrlong/backbones/attention.py; DESIGN.md §5)."""
+
+    pattern: str = "dense"  # dense | sliding_window | lambda | longlora_shift
+    window: int = 1024  # sliding_window, lambda: keys (t - window, t]
+    sinks: int = 64  # lambda: leading keys every query also sees (LM-Infinite's global branch, 10-100)
+    group: int = 4096  # longlora_shift: tokens per group (LongLoRA: a quarter of the context)
+    block: int | None = None  # sliding_window, lambda: queries per block; null = min(256, window)
 
 
 @dataclass
@@ -133,6 +144,20 @@ class RopeConfig:
     beta_slow: float | None = None  # yarn
     low_freq_factor: float | None = None  # llama3
     high_freq_factor: float | None = None  # llama3
+    position: str = "index"  # index (token index) | time (event time: events at one time share a position)
+    positions_per_day: float = 1.0  # position=time: rotary positions per day since the window's first event
+
+
+@dataclass
+class HMTConfig:
+    """Hierarchical Memory Transformer wrapper (He et al. 2024, arXiv:2405.06067; DESIGN.md §5)."""
+
+    backbone: str = "transformer"  # the wrapped backbone: transformer | mamba
+    segment_length: int = 1024  # L: tokens per segment (the paper's common setting)
+    sensory: int = 32  # k: tokens of the previous segment prepended to each segment (paper's best k)
+    memory_window: int = 300  # N: recall attends over the last N memory embeddings (paper: 300)
+    recall_dim: int | None = None  # width of the recall query/key projections; null = d_model
+    bptt_segments: int = 8  # gradients cross at most this many segment boundaries; 0 = all of them
 
 
 @dataclass
@@ -192,6 +217,7 @@ class TrainConfig:
     backbone: str = "mamba"  # a name in ehrlong.backbones.BACKBONES
     size: str = "tiny"  # tiny (trains on a 2-core CPU) | small | base (Context Clues scale, ~110-130M)
     context_length: int = 1024  # L: tokens per training window
+    eval_context_length: int | None = None  # validation window length; null = context_length
     seed: int = 0
     resume: str | None = None  # a run directory to continue at the same step and data position
     checkpoint_every: int = 50  # optimizer steps between checkpoints/last.ckpt (what resume restarts from)
@@ -200,6 +226,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    hmt: HMTConfig = field(default_factory=HMTConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)

@@ -2,6 +2,13 @@
 
     python -m ehrlong.throughput backbones=mamba,transformer lengths=1024,4096,16384 size=tiny
     python -m ehrlong.throughput backbones=mamba,hf_mamba lengths=1024 rounds=1
+    python -m ehrlong.throughput backbones=transformer,transformer_16k_sliding,transformer_16k_lambda lengths=16384
+    python -m ehrlong.throughput backbones=hmt_mamba_64k lengths=16384,65536
+
+An entry of `backbones` is a registered backbone, `hf_mamba`, or a preset in configs/ (run with the
+preset's settings; at its own context length when `lengths` is empty). For every transformer entry the
+attention function alone (forward+backward on random q, k, v of the model's shape, as the layers call it)
+is timed too, so sparse patterns and dense attention compare op to op and step to step in one run.
 
 Each (backbone, length) runs in its own process so its peak RSS is its own; rounds alternate the
 configurations so machine drift hits all of them alike (research/proto_mamba_scan.md: absolute times on
@@ -22,8 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ehrlong.config import parse
-from ehrlong.errors import run_cli
+from ehrlong.config import PRESETS_DIR, list_presets, parse
+from ehrlong.errors import ConfigError, run_cli
 
 EXTRA_BASELINES = ("hf_mamba",)
 
@@ -31,7 +38,7 @@ EXTRA_BASELINES = ("hf_mamba",)
 @dataclass
 class Args:
     backbones: list[str] = field(default_factory=lambda: ["mamba", "transformer"])
-    lengths: list[int] = field(default_factory=lambda: [1024, 4096, 16384])
+    lengths: list[int] = field(default_factory=lambda: [1024, 4096, 16384])  # empty: each preset's own
     size: str = "tiny"
     vocab_size: int = 8192
     batch_size: int = 1
@@ -65,7 +72,9 @@ def _build(name: str, size: str, length: int, vocab: int, overrides: Sequence[st
 
     from ehrlong.module import EHRLitModule
 
-    cfg = parse(TrainConfig, [f"backbone={name}", f"size={size}", f"context_length={length}", *overrides])
+    base = [f"config={name}"] if name in _preset_names() else [f"backbone={name}"]
+    argv = [*base, f"size={size}", f"context_length={length}", *overrides]
+    cfg = parse(TrainConfig, argv, presets_dir=PRESETS_DIR)
     module = EHRLitModule(build_backbone(cfg, vocab), vocab, cfg.optim, 1, length, cfg.model.tie_embeddings)
 
     def loss(tokens):
@@ -77,6 +86,39 @@ def _build(name: str, size: str, length: int, vocab: int, overrides: Sequence[st
         return losses.mean()
 
     return loss, module
+
+
+def _preset_names() -> set[str]:
+    return {name for name, _ in list_presets(PRESETS_DIR)}
+
+
+def _preset_length(name: str) -> int:
+    from ehrlong.config import TrainConfig
+
+    return parse(TrainConfig, [f"config={name}"], presets_dir=PRESETS_DIR).context_length
+
+
+def time_attention_op(module, batch: int, length: int, steps: int) -> float | None:
+    """Fastest forward+backward of the first layer's attention function alone, as the layer calls it."""
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    layers = getattr(module.backbone, "layers", None)
+    attn = getattr(layers[0], "self_attn", None) if layers is not None else None
+    if attn is None:
+        return None  # not a transformer
+    config = attn.config
+    fn = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    best = float("inf")
+    for _ in range(steps + 1):  # the first call warms up
+        q = torch.randn(batch, heads, length, attn.head_dim, requires_grad=True)
+        k, v = (torch.randn(batch, kv_heads, length, attn.head_dim, requires_grad=True) for _ in range(2))
+        t0 = time.perf_counter()
+        out, _ = fn(attn, q, k, v, None, scaling=attn.scaling, dropout=0.0)
+        out.sum().backward()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def measure_one(
@@ -98,10 +140,12 @@ def measure_one(
         t0 = time.perf_counter()
         loss_fn(tokens).backward()
         times.append(time.perf_counter() - t0)
+    op = time_attention_op(model, batch, length, steps) if name != "hf_mamba" else None
     return {
         "backbone": name,
         "length": length,
         "seconds": min(times),
+        "attention_op_seconds": op,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
@@ -116,6 +160,12 @@ def _child(args: Args, name: str, length: int) -> dict:
     if proc.returncode != 0:
         return {"backbone": name, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _registered() -> list[str]:
+    from ehrlong.backbones import BACKBONES
+
+    return list(BACKBONES)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -142,7 +192,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def run(args: Args) -> list[dict]:
-    configs = [(b, n) for n in args.lengths for b in args.backbones]
+    known = {"hf_mamba", *_registered(), *_preset_names()}
+    for name in args.backbones:
+        if name not in known:
+            raise ConfigError(f"backbones: unknown entry {name!r}. Valid: {', '.join(sorted(known))}.")
+    if not args.lengths and not all(b in _preset_names() for b in args.backbones):
+        raise ConfigError("lengths= is empty: only presets have a length of their own; give lengths=...")
+    configs = [(b, n) for b in args.backbones for n in (args.lengths or [_preset_length(b)])]
+    configs.sort(key=lambda c: c[1])
     results: dict[tuple[str, int], list[dict]] = {c: [] for c in configs}
     for r in range(args.rounds):
         for name, length in configs:
@@ -165,13 +222,23 @@ def run(args: Args) -> list[dict]:
                 "peak_rss_gb": max(x["peak_rss_gb"] for x in ok),
                 "parameters": ok[0]["parameters"],
                 "runs": [x["seconds"] for x in ok],
+                "attention_op_seconds": (
+                    statistics.median(x["attention_op_seconds"] for x in ok)
+                    if ok[0].get("attention_op_seconds") is not None
+                    else None
+                ),
             }
         )
-    print(f"\n{'backbone':12s} {'L':>6s} {'params':>8s} {'s/step':>8s} {'tokens/s':>9s} {'peak GB':>8s}")
+    width = max(12, *(len(r["backbone"]) for r in rows)) if rows else 12
+    print(
+        f"\n{'backbone':{width}s} {'L':>6s} {'params':>8s} {'s/step':>8s} {'tokens/s':>9s} {'peak GB':>8s} "
+        f"{'attn op s':>9s}"
+    )
     for r in rows:
+        op = f"{r['attention_op_seconds']:9.3f}" if r["attention_op_seconds"] is not None else f"{'-':>9s}"
         print(
-            f"{r['backbone']:12s} {r['length']:6d} {r['parameters'] / 1e6:7.2f}M {r['seconds']:8.2f} "
-            f"{r['tokens_per_s']:9.0f} {r['peak_rss_gb']:8.2f}"
+            f"{r['backbone']:{width}s} {r['length']:6d} {r['parameters'] / 1e6:7.2f}M {r['seconds']:8.2f} "
+            f"{r['tokens_per_s']:9.0f} {r['peak_rss_gb']:8.2f} {op}"
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

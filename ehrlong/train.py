@@ -155,13 +155,16 @@ def main(argv: Sequence[str]) -> int:
         shutil.copyfile(store_dir / "tokenizer.json", run_dir / "tokenizer.json")
     print(f"run directory: {run_dir}")
 
+    eval_length = cfg.eval_context_length or cfg.context_length
+    if eval_length < 1:
+        raise ConfigError(f"eval_context_length must be a positive token count, got {eval_length}.")
     budget = max(cfg.batch.tokens_per_micro_batch, cfg.context_length)
     per_step = max(1, cfg.batch.tokens_per_step // budget)
     max_steps = cfg.trainer.max_steps
 
     backbone = build_backbone(cfg, tokenizer.vocab_size)
     module = EHRLitModule(
-        backbone, tokenizer.vocab_size, cfg.optim, max_steps, cfg.context_length, cfg.model.tie_embeddings
+        backbone, tokenizer.vocab_size, cfg.optim, max_steps, eval_length, cfg.model.tie_embeddings
     )
 
     # Resume at the same data position: the plan is deterministic, so skip what earlier steps consumed.
@@ -172,7 +175,8 @@ def main(argv: Sequence[str]) -> int:
     train_data = TrainBatches(
         store, "train", cfg.context_length, budget, per_step, cfg.seed, start_step * per_step
     )
-    val_data = EvalBatches(store, "tuning", cfg.context_length, budget)
+    # Validation may use longer windows than training (train short, evaluate long: transformer_16k_yarn).
+    val_data = EvalBatches(store, "tuning", eval_length, max(budget, eval_length))
     to_loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.batch.num_workers)  # noqa: E731
 
     loggers = []
@@ -224,7 +228,7 @@ def main(argv: Sequence[str]) -> int:
         default_root_dir=run_dir,
     )
     print(
-        f"{cfg.backbone} size={cfg.size} L={cfg.context_length}: "
+        f"{cfg.backbone} size={cfg.size} L={cfg.context_length} (validation L={eval_length}): "
         f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
         f"{per_step} micro-batch(es) of <= {budget} tokens per step, {max_steps} steps"
     )

@@ -12,12 +12,16 @@ from ehrlong.data.batching import EventBatch
 from ehrlong.module import EHRLitModule
 
 VOCAB = 50
+# hmt: segments short enough that the 32-64 token inputs below span 4-8 segments, so recall runs over
+# several memories (with one memory its softmax is 1 and W_q, W_k, T would get no gradient).
+CONTRACT_OVERRIDES = {
+    "hmt": ["hmt.segment_length=8", "hmt.sensory=4", "hmt.memory_window=2", "hmt.bptt_segments=2"]
+}
 
 
 def tiny_cfg(name: str, *extra: str) -> TrainConfig:
-    return parse(
-        TrainConfig, [f"backbone={name}", "model.d_model=32", "model.n_layers=2", "context_length=64", *extra]
-    )
+    base = [f"backbone={name}", "model.d_model=32", "model.n_layers=2", "context_length=64"]
+    return parse(TrainConfig, [*base, *CONTRACT_OVERRIDES.get(name, []), *extra])
 
 
 def make(name: str, seed: int = 0):
@@ -51,12 +55,14 @@ def test_causal(name):
     bb = make(name)
     tokens, times, mask = batch_of(torch.randint(1, VOCAB, (2, 48)), [48, 48])
     ref = bb(tokens=tokens, times=times, mask=mask)
-    t = 20
-    changed = tokens.clone()
-    changed[:, t + 1 :] = torch.randint(1, VOCAB, changed[:, t + 1 :].shape)
-    out = bb(tokens=changed, times=times, mask=mask)
-    torch.testing.assert_close(out[:, : t + 1], ref[:, : t + 1], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(out[:, t + 1 :], ref[:, t + 1 :])
+    # t = 17 sits early in an hmt segment (length 8): HMT's published summary of the current segment's
+    # first half would leak tokens 18-19 into positions 16-17 there.
+    for t in (17, 20):
+        changed = tokens.clone()
+        changed[:, t + 1 :] = torch.randint(1, VOCAB, changed[:, t + 1 :].shape)
+        out = bb(tokens=changed, times=times, mask=mask)
+        torch.testing.assert_close(out[:, : t + 1], ref[:, : t + 1], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out[:, t + 1 :], ref[:, t + 1 :])
 
 
 def test_padding_invariance(name):

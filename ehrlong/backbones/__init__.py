@@ -55,6 +55,7 @@ class Size:
 BACKBONES: dict[str, str] = {
     "mamba": "ehrlong.backbones.mamba:build",
     "transformer": "ehrlong.backbones.transformer:build",
+    "hmt": "ehrlong.backbones.hmt:build",
 }
 
 

@@ -6,8 +6,9 @@ Reused from transformers: `LlamaDecoderLayer` (pre-norm attention + SwiGLU MLP),
 `LlamaRotaryEmbedding` and its rope types (`rope_parameters`), the attention functions chosen by name
 (`config._attn_implementation`, looked up in `AttentionInterface`) and their mask builders
 (`create_causal_mask`, looked up in `AttentionMaskInterface`). We do not use `LlamaModel` because we need
-to own two things it decides for us: the position ids (token index now; event time in a later issue) and
-the attention mask (none at all for right padding, see `TransformerBackbone.forward`).
+to own two things it decides for us: the position ids (token index, or event time with rope.position=time)
+and the attention mask (none at all for right padding, see `TransformerBackbone.forward`). Sparse attention
+patterns (`attention.pattern`, ehrlong/backbones/attention.py) plug in as a registered attention function.
 
 RoPE scaling (`rope.*` -> `rope_parameters`; formulas in research/anchor_longcontext.md §2.2):
 
@@ -39,10 +40,18 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from ehrlong.backbones import Size, resolve_size
+from ehrlong.backbones.attention import (
+    ATTENTION_PATTERNS,
+    PATTERN_PARAMS,
+    SPARSE_IMPLEMENTATION,
+    register_sparse_attention,
+)
 from ehrlong.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ehrlong.config import RopeConfig, TrainConfig
+    from ehrlong.config import AttentionConfig, RopeConfig, TrainConfig
+
+register_sparse_attention()
 
 # base is the Context Clues Llama scale (d=768, 8 layers, 12 heads; research/anchor_context_clues.md §3).
 SIZES = {
@@ -153,6 +162,32 @@ def attention_implementation(name: str) -> str:
     return name
 
 
+def attention_pattern(attn: AttentionConfig, n_heads: int, dropout: float) -> dict | None:
+    """`attention.*` -> {"pattern": name, **params} for the sparse attention function; None for dense."""
+    if attn.pattern not in ATTENTION_PATTERNS:
+        raise ConfigError(
+            f"unknown attention.pattern {attn.pattern!r}. Valid patterns: {', '.join(ATTENTION_PATTERNS)}."
+        )
+    if attn.pattern == "dense":
+        return None  # transformer.attn_implementation (sdpa or eager) is the dense reference
+    for name, minimum in (("window", 1), ("sinks", 0), ("group", 2), ("block", 1)):
+        value = getattr(attn, name)
+        if name in PATTERN_PARAMS[attn.pattern] and value is not None and value < minimum:
+            raise ConfigError(
+                f"attention.{name} must be >= {minimum} for attention.pattern={attn.pattern}, got {value}."
+            )
+    if attn.pattern == "longlora_shift" and (attn.group % 2 or n_heads % 2):
+        raise ConfigError(
+            f"attention.pattern=longlora_shift shifts half of the heads by half a group: attention.group "
+            f"({attn.group}) and transformer.n_heads ({n_heads}) must both be even."
+        )
+    if dropout:
+        raise ConfigError(
+            f"attention.pattern={attn.pattern} has no attention dropout; set model.dropout=0 (got {dropout})."
+        )
+    return {"pattern": attn.pattern, **{name: getattr(attn, name) for name in PATTERN_PARAMS[attn.pattern]}}
+
+
 def llama_config(cfg: TrainConfig, vocab_size: int) -> LlamaConfig:
     """The LlamaConfig all blocks of the backbone share, from the `model`, `transformer`, `rope` groups."""
     size = resolve_size(SIZES, cfg)
@@ -185,8 +220,14 @@ def llama_config(cfg: TrainConfig, vocab_size: int) -> LlamaConfig:
         use_cache=False,
         tie_word_embeddings=False,  # the LM head lives in the Lightning module (model.tie_embeddings)
     )
-    # The layers read this on every call, so setting it on the shared config switches all of them.
-    config._attn_implementation = attention_implementation(cfg.transformer.attn_implementation)
+    # The layers read these on every call, so setting them on the shared config switches all of them.
+    # A sparse pattern runs through our registered attention function, which reads config.attention_pattern.
+    config.attention_pattern = attention_pattern(cfg.attention, n_heads, cfg.model.dropout)
+    config._attn_implementation = (
+        SPARSE_IMPLEMENTATION
+        if config.attention_pattern
+        else attention_implementation(cfg.transformer.attn_implementation)
+    )
     return config
 
 
@@ -196,7 +237,6 @@ def index_positions(mask: torch.Tensor | None, batch: int, length: int, device: 
     Padding repeats the last real position instead of counting on. Real positions never see padding
     (causal), so this changes nothing there, except that `dynamic` RoPE scales by max(position) + 1:
     with this, it scales by the longest real row, not by how much padding the batch carries.
-    A time-based variant (rope angles from event time) replaces this function.
     """
     positions = torch.arange(length, device=device).expand(batch, length)  # [B, T]
     if mask is None:
@@ -205,12 +245,52 @@ def index_positions(mask: torch.Tensor | None, batch: int, length: int, device: 
     return torch.minimum(positions, last)
 
 
+def time_positions(
+    times: torch.Tensor | None, mask: torch.Tensor | None, positions_per_day: float
+) -> torch.Tensor:
+    """Rotary position of each token from its event time: days since the row's first token, times
+    `positions_per_day`. [B, T] float.
+
+    Token distance in an EHR says little about time: a year between two visits and ten minutes between two
+    labs can both be one token. With time positions, rotary angles measure elapsed time, so events a year
+    apart are far apart whatever lies between them, and all events at one timestamp share a position (their
+    order still comes from the causal mask). Measuring from the row's first token keeps the numbers small
+    (fp32 angles) and changes nothing else: RoPE scores depend only on position differences.
+    Padding takes the last real token's position, as in `index_positions`.
+    """
+    if times is None:
+        raise ValueError("rope.position=time needs `times` [B, T] (days); the batch has none.")
+    positions = (times - times[:, :1]).float() * positions_per_day
+    if mask is None:
+        return positions
+    last = (mask.sum(dim=-1, keepdim=True) - 1).clamp(min=0)  # [B, 1]
+    return torch.where(mask, positions, positions.gather(1, last))
+
+
+POSITIONS = ("index", "time")  # rope.position
+
+
 class TransformerBackbone(nn.Module):
     """Token embedding, Llama decoder layers, final RMSNorm; no LM head (the Lightning module owns it)."""
 
-    def __init__(self, config: LlamaConfig, activation_checkpointing: bool = False):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        activation_checkpointing: bool = False,
+        position: str = "index",
+        positions_per_day: float = 1.0,
+    ):
         super().__init__()
+        if position not in POSITIONS:
+            raise ConfigError(f"unknown rope.position {position!r}. Valid: {', '.join(POSITIONS)}.")
+        if positions_per_day <= 0:
+            raise ConfigError(
+                f"rope.positions_per_day must be > 0, got {positions_per_day} (1 = one position per day, "
+                "24 = per hour)."
+            )
         self.config = config
+        self.position = position
+        self.positions_per_day = positions_per_day
         self.d_model = config.hidden_size
         self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=PAD)
@@ -248,7 +328,7 @@ class TransformerBackbone(nn.Module):
     ) -> torch.Tensor:
         """tokens [B, T] or embeddings [B, T, D]; mask [B, T] True on real tokens, right padded -> [B, T, D].
 
-        `times` is accepted for the backbone contract and not used: positions are token indices.
+        `times` [B, T] (days) sets the rotary positions with rope.position=time and is unused otherwise.
         """
         if (tokens is None) == (embeddings is None):
             raise ValueError("pass exactly one of tokens [B, T] or embeddings [B, T, d_model]")
@@ -261,7 +341,10 @@ class TransformerBackbone(nn.Module):
                 "(mask True then False along each row); left padding and holes are not supported"
             )
 
-        position_ids = index_positions(mask, batch, length, x.device)  # [B, T]
+        if self.position == "time":
+            position_ids = time_positions(times, mask, self.positions_per_day)  # [B, T] float
+        else:
+            position_ids = index_positions(mask, batch, length, x.device)  # [B, T]
         cos, sin = self.rotary(x, position_ids)  # [B, T, head_dim] each, already times attention_scaling
 
         # No padding mask, on purpose. Rows are right padded and attention is causal, so a real token at t
@@ -272,8 +355,15 @@ class TransformerBackbone(nn.Module):
         # create_causal_mask asks the mask builder registered for the attention implementation: None for
         # sdpa (is_causal), an additive causal mask for eager. position_ids are not passed: transformers
         # would read any non-consecutive ids (padding repeats, event times) as packed-document boundaries.
+        # The sparse patterns get the [B, T] padding mask through their registered mask builder (they check
+        # it; they need none either, for the same reason).
+        sparse = self.config._attn_implementation == SPARSE_IMPLEMENTATION
         attention_mask = create_causal_mask(
-            config=self.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=None
+            config=self.config,
+            inputs_embeds=x,
+            attention_mask=mask if sparse else None,
+            cache=None,
+            position_ids=None,
         )
 
         # Keyword arguments the layers do not name reach the attention function (via LlamaAttention's
@@ -290,4 +380,9 @@ class TransformerBackbone(nn.Module):
 
 def build(cfg: TrainConfig, vocab_size: int) -> TransformerBackbone:
     """The transformer backbone at `cfg.size` with `cfg.model` / `cfg.transformer` / `cfg.rope` applied."""
-    return TransformerBackbone(llama_config(cfg, vocab_size), cfg.model.activation_checkpointing)
+    return TransformerBackbone(
+        llama_config(cfg, vocab_size),
+        cfg.model.activation_checkpointing,
+        position=cfg.rope.position,
+        positions_per_day=cfg.rope.positions_per_day,
+    )
