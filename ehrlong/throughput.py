@@ -197,7 +197,9 @@ def run(args: Args) -> list[dict]:
         if name not in known:
             raise ConfigError(f"backbones: unknown entry {name!r}. Valid: {', '.join(sorted(known))}.")
     if not args.lengths and not all(b in _preset_names() for b in args.backbones):
-        raise ConfigError("lengths= is empty: only presets have a length of their own; give lengths=...")
+        raise ConfigError(
+            "lengths=[] runs each entry at its own context length, which only presets have; give lengths=..."
+        )
     configs = [(b, n) for b in args.backbones for n in (args.lengths or [_preset_length(b)])]
     configs.sort(key=lambda c: c[1])
     results: dict[tuple[str, int], list[dict]] = {c: [] for c in configs}

@@ -134,3 +134,17 @@ def test_unknown_key_exits_2_with_the_valid_keys(tmp_path):
     proc = train(tmp_path, "config=mamba_1k", "trainer.max_step=3")
     assert proc.returncode == 2
     assert "Did you mean trainer.max_steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_validation_on_longer_windows_than_training(tmp_path):
+    """transformer_16k_yarn's shape, scaled down: train on 128-token windows, validate on 256-token ones."""
+    proc = train(
+        tmp_path, "config=transformer_16k_yarn", "trainer.max_steps=2", *SMALL, "eval_context_length=256"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path, "transformer_16k_yarn")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # Loss is reported past the training length: the buckets reach the validation length.
+    assert set(metrics["val_loss_by_position"]) == {"0-64", "64-128", "128-256"}
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["rope"]["type"] == "yarn" and saved["eval_context_length"] == 256

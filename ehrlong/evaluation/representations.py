@@ -1,0 +1,155 @@
+"""Frozen representations for labels: a trained run's last-layer hidden state at the last token at or
+before each prediction time, over the last L tokens (L = the run's context length). This is the EHRSHOT
+protocol as Context Clues used it (DESIGN.md §6; Wornow et al. 2024, §3).
+
+No leakage (DESIGN.md §3): a label's window ends at the last token with time <= prediction_time, so no
+event after prediction_time can reach its representation (tests/test_representations.py changes every
+later token and checks the vectors do not move).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from ehrlong.backbones import build_backbone
+from ehrlong.config import TrainConfig, parse
+from ehrlong.data.batching import collate
+from ehrlong.data.store import TokenStore
+from ehrlong.errors import ConfigError, DataError
+from ehrlong.module import EHRLitModule
+from ehrlong.tokenizer import EventTokenizer
+
+EPOCH = np.datetime64("1970-01-01T00:00:00", "us")
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    cfg: TrainConfig
+    module: EHRLitModule
+    tokenizer: EventTokenizer
+    tokenizer_hash: str
+
+    @property
+    def context_length(self) -> int:
+        return self.cfg.context_length
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Rebuild a trained model from its run directory alone (config.yaml, tokenizer.json, model.ckpt)."""
+    run_dir = Path(run_dir)
+    missing = [n for n in ("config.yaml", "tokenizer.json", "model.ckpt") if not (run_dir / n).is_file()]
+    if missing:
+        raise ConfigError(
+            f"run={run_dir}: missing {', '.join(missing)}. Pass a finished run directory written by "
+            "python -m ehrlong.train (runs/<config>/<timestamp>/)."
+        )
+    path = run_dir / "config.yaml"
+    cfg = parse(TrainConfig, [], base=(path, yaml.safe_load(path.read_text()) or {}))
+    tokenizer = EventTokenizer.load(run_dir / "tokenizer.json")
+    ckpt = torch.load(run_dir / "model.ckpt", map_location="cpu", weights_only=True)
+    module = EHRLitModule(
+        build_backbone(cfg, tokenizer.vocab_size),
+        tokenizer.vocab_size,
+        cfg.optim,
+        1,
+        cfg.context_length,
+        cfg.model.tie_embeddings,
+    )
+    module.load_state_dict(ckpt["state_dict"])
+    return LoadedRun(run_dir, cfg, module.eval(), tokenizer, ckpt["tokenizer_hash"])
+
+
+@dataclass
+class Windows:
+    """One row per label: (subject index in the store, start, end) of its token window; `valid` is False
+    for labels that have no window (subject not in the store, or no token at or before prediction_time)."""
+
+    windows: np.ndarray  # [n, 3] int64
+    valid: np.ndarray  # [n] bool
+    n_unknown_subject: int
+    n_no_history: int
+
+
+def label_windows(store: TokenStore, labels: pl.DataFrame, length: int) -> Windows:
+    """The last `length` tokens at or before each label's prediction_time (time <= prediction_time)."""
+    subject_ids = labels["subject_id"].to_numpy()
+    pred = labels["prediction_time"].cast(pl.Datetime("us")).to_numpy()
+    pred_days = (pred - EPOCH).astype("timedelta64[us]").astype(np.float64) / 86_400e6
+    store_ids = np.asarray(store.subject_ids)
+    order = np.argsort(store_ids, kind="stable")
+    pos = np.searchsorted(store_ids, subject_ids, sorter=order)
+    pos = np.minimum(pos, len(order) - 1)
+    subj = order[pos]
+    known = store_ids[subj] == subject_ids
+    offsets, times = np.asarray(store.offsets), store.times
+    windows = np.zeros((len(labels), 3), dtype=np.int64)
+    for i in np.flatnonzero(known):
+        s, e = offsets[subj[i]], offsets[subj[i] + 1]
+        end = s + int(np.searchsorted(times[s:e], pred_days[i], side="right"))
+        windows[i] = (subj[i], max(s, end - length), end)
+    has_history = windows[:, 2] > windows[:, 1]
+    return Windows(
+        windows=windows,
+        valid=known & has_history,
+        n_unknown_subject=int((~known).sum()),
+        n_no_history=int((known & ~has_history).sum()),
+    )
+
+
+@torch.no_grad()
+def embed_windows(
+    module: EHRLitModule,
+    store: TokenStore,
+    windows: np.ndarray,
+    tokens_per_batch: int = 65_536,
+    progress: bool = True,
+) -> np.ndarray:
+    """Last-token hidden state [n, d_model] (float32) of each (subject, start, end) window (end > start)."""
+    lengths = windows[:, 2] - windows[:, 1]
+    if (lengths < 1).any():
+        raise ValueError("embed_windows needs non-empty windows; filter with Windows.valid first")
+    out = np.zeros((len(windows), module.backbone.d_model), dtype=np.float32)
+    order = np.argsort(-lengths, kind="stable")  # longest first: rows of a batch have similar lengths
+    device = next(module.parameters()).device
+    tokens, times, offsets = store.tokens, store.times, np.asarray(store.offsets)
+    bar = tqdm(total=len(windows), desc="representations", unit="label", disable=not progress)
+    i = 0
+    while i < len(order):
+        longest = int(lengths[order[i]])
+        rows = order[i : i + max(1, tokens_per_batch // longest)]
+        batch = collate(tokens, times, offsets, windows, rows)
+        hidden = module.backbone(
+            tokens=batch.tokens.to(device), times=batch.times.to(device), mask=batch.mask.to(device)
+        )
+        last = torch.as_tensor(lengths[rows] - 1, device=device)
+        out[rows] = hidden[torch.arange(len(rows), device=device), last].float().cpu().numpy()
+        bar.update(len(rows))
+        i += len(rows)
+    bar.close()
+    return out
+
+
+def representations(
+    run: LoadedRun, store: TokenStore, labels: pl.DataFrame, progress: bool = True
+) -> tuple[np.ndarray, Windows]:
+    """Representations [n_labels, d_model] of `labels` (subject_id, prediction_time) under `run`; rows of
+    labels without a window are NaN and counted in the returned Windows (never dropped silently)."""
+    if store.tokenizer.hash != run.tokenizer_hash:
+        raise DataError(
+            f"token store {store.root} was built with tokenizer {store.tokenizer.hash[:12]}, the run "
+            f"{run.run_dir} with {run.tokenizer_hash[:12]}: token ids would mean different codes. Evaluate "
+            "on data tokenized with the run's tokenizer.json."
+        )
+    win = label_windows(store, labels, run.context_length)
+    reps = np.full((len(labels), run.module.backbone.d_model), np.nan, dtype=np.float32)
+    if win.valid.any():
+        reps[win.valid] = embed_windows(run.module, store, win.windows[win.valid], progress=progress)
+    return reps, win
