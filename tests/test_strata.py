@@ -10,7 +10,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ehrlong.errors import DataError
 from ehrlong.evaluation.strata import (
     irregularity,
     meds_strata,
@@ -131,12 +130,3 @@ def test_meds_strata_matches_arrays_and_excludes_birth():
     whole = meds_strata(events)
     assert whole["subject_id"].to_list() == [1, 2]
     assert whole["event_count"].to_list() == [6, 1]
-
-
-def test_meds_strata_wants_one_cutoff_per_subject():
-    events = _meds_frame([(1, dt.datetime(2000, 1, 1), "A")])
-    cutoffs = pl.DataFrame(
-        {"subject_id": [1, 1], "prediction_time": [dt.datetime(2000, 1, 1), dt.datetime(2001, 1, 1)]}
-    )
-    with pytest.raises(DataError, match="one prediction_time per subject"):
-        meds_strata(events, cutoffs)

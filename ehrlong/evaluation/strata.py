@@ -31,8 +31,6 @@ import meds
 import numpy as np
 import polars as pl
 
-from ehrlong.errors import DataError
-
 NGRAM_ORDERS = (1, 2, 3, 4)
 STRATA_COLUMNS = ("event_count", "repetition", "repetition_1", "irregularity")
 DAY_US = 86_400_000_000
@@ -196,9 +194,9 @@ def meds_strata(
 ) -> pl.DataFrame:
     """`strata` per subject of MEDS events (subject_id, time, code), in their order within a subject.
 
-    `cutoffs` (subject_id, prediction_time; one row per subject, e.g. a label file) cuts each history at
-    its prediction time and picks the subjects: one output row per cutoff row, a subject without events
-    gets event_count 0 and NaN strata. Without cutoffs: every subject with events, whole history.
+    `cutoffs` (subject_id, prediction_time; e.g. a label file) cuts each history at its prediction time
+    and picks the subjects: one output row per cutoff row (a subject may have several, each gets its own
+    copy of the history), a subject without events gets event_count 0 and NaN strata. Without cutoffs: every subject with events, whole history.
     Times become float days since 1970; static (null-time) rows count as events but have no gap.
     """
     events = events.lazy().select("subject_id", "time", "code")
@@ -207,13 +205,6 @@ def meds_strata(
         subjects = subjects.with_columns(pl.lit(None, dtype=pl.Datetime("us")).alias("prediction_time"))
     else:
         subjects = cutoffs.select("subject_id", pl.col("prediction_time").cast(pl.Datetime("us")))
-        repeated = subjects.filter(pl.col("subject_id").is_duplicated())
-        if repeated.height:
-            raise DataError(
-                f"cutoffs name {repeated['subject_id'].n_unique():,} subjects more than once (e.g. subject "
-                f"{repeated['subject_id'][0]}); strata are per subject, so pass one prediction_time per subject "
-                "(e.g. each subject's last label)."
-            )
     rows = (
         events.filter(~pl.col("code").is_in(list(exclude_codes)))
         .join(subjects.lazy().with_row_index("row"), on="subject_id", how="inner", maintain_order="left")

@@ -1,0 +1,479 @@
+"""python -m ehrlong.evaluate run=RUN_DIR [run=RUN_DIR ...] data=DIR tasks=all k=all
+
+EHRSHOT-style evaluation of trained runs, stratified the Context Clues way (DESIGN.md §6):
+
+    labels (tasks/, es-aces or the synthetic cohort's own)      ehrlong.evaluation.labels
+      -> representation per label: last-token state, last L tokens at or before prediction_time
+      -> probe per (model, task, k, seed): MaxAbsScaler + L2 logistic regression, C on tuning AUROC
+      -> held-out AUROC / AUPRC / Brier with subject-level bootstrap CIs, overall and per quartile of
+         repetition, irregularity and event count (cut points recomputed in every resample)
+      -> long-vs-short paired differences and win rates when several runs are given
+
+Besides each run, a count baseline (bag of tokens over the same window, same probe) shows what the
+model adds over counting. Writes results.{parquet,csv} (model, task, k, seed, stratum, quartile,
+metric, value, ci_low, ci_high, ...), comparisons.{parquet,csv}, PNG plots and summary.txt into
+`out` (default runs/evaluations/<timestamp>), logs them to each run's MLflow run, and prints a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ehrlong.config import parse
+from ehrlong.errors import ConfigError, run_cli
+
+PROG = "python -m ehrlong.evaluate"
+STRATA = ("repetition_1", "repetition", "irregularity", "event_count")  # evaluation.strata columns
+BASELINE = "counts"
+
+
+@dataclass
+class Args:
+    run: list[str] = field(default_factory=list)  # run directories written by ehrlong.train (repeat run=)
+    data: str | None = None  # MEDS root or dataset name (mimic-iv-demo); null = the runs' own dataset
+    tasks: str = "all"  # all (the tasks that apply to the dataset) | a,b | paths to ACES task .yaml files
+    k: list[str] = field(default_factory=lambda: ["all"])  # few-shot k: all | 1,2,4,... | grid (EHRSHOT's)
+    seeds: int = 5  # replicate draws per few-shot k (k=all is fit once)
+    n_boot: int = 1000  # subject-level bootstrap resamples
+    baseline: bool = True  # the count baseline beside the runs
+    out: str | None = None  # results folder; null = <runs root>/evaluations/<timestamp>
+    tokens_per_batch: int = 65_536  # representation batches (padding included)
+    mlflow: bool = True  # log results and plots to each run's MLflow run
+    progress: bool = True
+
+
+@dataclass
+class Model:
+    """A run or a baseline: a name and one feature row per label key."""
+
+    name: str
+    context_length: int
+    backbone: str
+    features: object  # np.ndarray [n, d] or scipy CSR
+    run_dir: Path | None = None
+
+
+def _ks(values: Sequence[str]) -> list[int | str]:
+    from ehrlong.evaluation.probes import K_SHOTS
+
+    if list(values) == ["grid"]:
+        return list(K_SHOTS)
+    out: list[int | str] = []
+    for v in values:
+        if str(v) == "all":
+            out.append("all")
+        elif str(v).isdigit() and int(v) > 0:
+            out.append(int(v))
+        else:
+            raise ConfigError(
+                f"k={v!r}: each k is a positive integer or 'all'; or k=grid for {list(K_SHOTS)}."
+            )
+    return out
+
+
+def _data_root(args: Args, runs) -> Path:
+    from ehrlong.data.datasets import DATASETS, ensure_dataset
+    from ehrlong.train import resolve_data_root
+
+    if args.data is not None:
+        return ensure_dataset(args.data) if args.data in DATASETS else Path(args.data)
+    roots = {resolve_data_root(r.cfg).resolve() for r in runs}
+    if len(roots) > 1:
+        raise ConfigError(
+            f"the runs were trained on different datasets ({', '.join(map(str, sorted(roots)))}); "
+            "pass data=DIR to evaluate them on one."
+        )
+    return roots.pop()
+
+
+def _store_for(run, root: Path):
+    from ehrlong.data.store import TokenStore, ensure_store
+
+    store = TokenStore.open(ensure_store(root, run.cfg.data.tokenizer, progress=False))
+    if store.tokenizer.hash != run.tokenizer_hash:
+        raise ConfigError(
+            f"run {run.run_dir} was trained with another tokenizer than the one ehrlong fits on {root} "
+            f"({run.cfg.data.tokenizer} recipe): its token ids would mean other codes there. Evaluate a run on "
+            "the dataset it was trained on (data= defaults to it)."
+        )
+    return store
+
+
+def _label_table(tasks: list[str], root: Path, progress: bool) -> tuple[pl.DataFrame, list]:
+    """All tasks' labels in one frame (task, subject_id, prediction_time, boolean_value) + summaries."""
+    from ehrlong.evaluation.labels import get_labels
+
+    frames, summaries = [], []
+    for task in tasks:
+        got = get_labels(task, root)
+        summaries.append(got.summary)
+        if progress:
+            print(f"  {got.summary.describe()}")
+        frames.append(got.labels.with_columns(pl.lit(got.summary.task).alias("task")))
+    return pl.concat(frames).select("task", "subject_id", "prediction_time", "boolean_value"), summaries
+
+
+def _with_strata(labels: pl.DataFrame, root: Path) -> pl.DataFrame:
+    """Strata of each label's full history at or before its prediction time (not only the window)."""
+    from ehrlong.data.meds import scan_events
+    from ehrlong.evaluation.strata import meds_strata
+
+    keys = labels.select("subject_id", "prediction_time").unique(maintain_order=True)
+    values = meds_strata(scan_events(root, with_text=False), keys)
+    return labels.join(values, on=["subject_id", "prediction_time"], how="left")
+
+
+def _splits(store, subject_ids: np.ndarray) -> np.ndarray:
+    from ehrlong.data.store import SPLITS
+
+    idx = np.searchsorted(np.asarray(store.subject_ids), subject_ids)
+    return np.asarray(SPLITS)[np.asarray(store.splits)[idx]]
+
+
+def _count_features(store, windows: np.ndarray):
+    from ehrlong.evaluation.probes import count_features_flat
+
+    lengths = windows[:, 2] - windows[:, 1]
+    codes = np.concatenate([np.asarray(store.tokens[s:e]) for _, s, e in windows]) if len(windows) else []
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return count_features_flat(np.asarray(codes, dtype=np.int64), offsets, store.tokenizer.vocab_size)
+
+
+def _bootstrap_rows(preds: pl.DataFrame, labels: pl.DataFrame, n_boot: int) -> pl.DataFrame:
+    """Metrics with CIs per (model, task, k, seed), overall and per quartile of every stratum."""
+    from ehrlong.evaluation.metrics import bootstrap
+
+    frames = []
+    for (model, task), part in preds.group_by(["model", "task"], maintain_order=True):
+        part = part.join(labels, on=["task", "subject_id", "prediction_time"], how="left")
+        group = part["k"].cast(pl.String) + "|" + part["seed"].cast(pl.String).fill_null("-")
+        for i, stratum in enumerate(STRATA):
+            res = bootstrap(
+                part["y_true"].to_numpy(),
+                part["y_prob"].to_numpy(),
+                part["subject_id"].to_numpy(),
+                n_boot=n_boot,
+                groups=group.to_numpy(),
+                strata_values=part[stratum].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
+            )
+            if i > 0:  # the overall rows are the same for every stratum: keep them once
+                res = res.filter(pl.col("stratum_quantile").is_not_null())
+            frames.append(
+                res.with_columns(
+                    pl.lit(model).alias("model"),
+                    pl.lit(task).alias("task"),
+                    pl.when(pl.col("stratum_quantile").is_null())
+                    .then(pl.lit("all"))
+                    .otherwise(pl.lit(stratum))
+                    .alias("stratum"),
+                )
+            )
+    out = pl.concat(frames)
+    k_seed = out["group"].str.split("|")
+    out = out.with_columns(
+        k_seed.list.get(0).cast(pl.Int64).alias("k"),
+        k_seed.list.get(1).replace("-", None).cast(pl.Int64).alias("seed"),
+        pl.col("stratum_quantile").alias("quartile"),
+    )
+    cols = ["model", "task", "k", "seed", "stratum", "quartile", "metric", "value", "ci_low", "ci_high"]
+    return out.select(*cols, "stratum_low", "stratum_high", "n", "n_subjects", "n_pos", "n_boot_valid")
+
+
+def _comparisons(preds: pl.DataFrame, labels: pl.DataFrame, models: list[Model], n_boot: int) -> pl.DataFrame:
+    """Every longer-context run against every shorter one, k=all: paired differences and win rates."""
+    from ehrlong.evaluation.metrics import paired_difference
+
+    runs = sorted((m for m in models if m.run_dir is not None), key=lambda m: m.context_length)
+    frames = []
+    full = preds.filter(pl.col("k") == -1)
+    keys = ["task", "subject_id", "prediction_time"]
+    for i, short in enumerate(runs):
+        for long in runs[i + 1 :]:
+            a = full.filter(pl.col("model") == long.name).select(*keys, "y_true", pl.col("y_prob").alias("a"))
+            b = full.filter(pl.col("model") == short.name).select(*keys, pl.col("y_prob").alias("b"))
+            pair = a.join(b, on=keys).join(labels, on=keys, how="left")
+            for task, part in pair.group_by("task", maintain_order=True):
+                for stratum in STRATA:
+                    res = paired_difference(
+                        part["y_true"].to_numpy(),
+                        part["a"].to_numpy(),
+                        part["b"].to_numpy(),
+                        part["subject_id"].to_numpy(),
+                        metric=("auroc", "auprc", "brier"),
+                        n_boot=n_boot,
+                        strata_values=part[stratum].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
+                    )
+                    frames.append(
+                        res.with_columns(
+                            pl.lit(long.name).alias("long"),
+                            pl.lit(short.name).alias("short"),
+                            pl.lit(task[0]).alias("task"),
+                            pl.lit(stratum).alias("stratum"),
+                            pl.col("stratum_quantile").alias("quartile"),
+                        )
+                    )
+    if not frames:
+        return pl.DataFrame()
+    cols = ["long", "short", "task", "stratum", "quartile", "metric", "value_a", "value_b", "difference"]
+    return pl.concat(frames).select(*cols, "ci_low", "ci_high", "win_rate", "n", "n_boot_valid")
+
+
+def _summary(results: pl.DataFrame, models: list[Model]) -> str:
+    """Task x model table of held-out AUROC [95% CI] at the largest k (seed-mean for few-shot k)."""
+    overall = results.filter((pl.col("stratum") == "all") & (pl.col("metric") == "auroc"))
+    k_top = -1 if (overall["k"] == -1).any() else int(overall["k"].max())
+    table = (
+        overall.filter(pl.col("k") == k_top)
+        .group_by("model", "task")
+        .agg(pl.col("value").mean(), pl.col("ci_low").mean(), pl.col("ci_high").mean(), pl.col("n").first())
+    )
+    names = [m.name for m in models]
+    lines = [
+        f"held-out AUROC [95% CI], k={'all' if k_top == -1 else k_top}; n = labels (positives in results)"
+    ]
+    width = max(len(n) for n in names)
+    tasks = sorted(table["task"].unique())
+    task_w = max(12, *(len(t) for t in tasks))
+    lines.append(f"{'task':{task_w}s}  " + "  ".join(f"{n:>{max(width, 19)}s}" for n in names) + "      n")
+    for task in tasks:
+        cells, n = [], ""
+        for name in names:
+            row = table.filter((pl.col("task") == task) & (pl.col("model") == name))
+            if row.height:
+                v, lo, hi = row["value"][0], row["ci_low"][0], row["ci_high"][0]
+                cells.append(f"{v:.3f} [{lo:.2f}, {hi:.2f}]")
+                n = str(row["n"][0])
+            else:
+                cells.append("-")
+        lines.append(
+            f"{task:{task_w}s}  " + "  ".join(f"{c:>{max(width, 19)}s}" for c in cells) + f"  {n:>5s}"
+        )
+    return "\n".join(lines)
+
+
+def _plots(results: pl.DataFrame, models: list[Model], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    tasks = sorted(results["task"].unique())
+    full = results.filter((pl.col("k") == -1) & (pl.col("metric") == "auroc"))
+    # 1. AUROC by stratum quartile, one panel per (stratum, task).
+    if full.height:
+        fig, axes = plt.subplots(
+            len(STRATA), len(tasks), figsize=(3.2 * len(tasks), 2.6 * len(STRATA)), squeeze=False
+        )
+        for r, stratum in enumerate(STRATA):
+            for c, task in enumerate(tasks):
+                ax = axes[r][c]
+                for m in models:
+                    rows = full.filter(
+                        (pl.col("model") == m.name)
+                        & (pl.col("task") == task)
+                        & (pl.col("stratum") == stratum)
+                    ).sort("quartile")
+                    if rows.height:
+                        q, v = rows["quartile"].to_numpy(), rows["value"].to_numpy()
+                        err = np.abs(
+                            np.vstack([v - rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy() - v])
+                        )
+                        ax.errorbar(q, v, yerr=np.nan_to_num(err), marker="o", capsize=3, label=m.name)
+                ax.set_title(f"{task}\nby {stratum} quartile", fontsize=8)
+                ax.set_xticks([1, 2, 3, 4])
+                ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.supylabel("held-out AUROC (95% CI)")
+        fig.tight_layout()
+        paths.append(out / "auroc_by_quartile.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    # 2. AUROC vs k (seed mean), one panel per task.
+    overall = results.filter((pl.col("stratum") == "all") & (pl.col("metric") == "auroc"))
+    if overall["k"].n_unique() > 1:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3), squeeze=False)
+        for c, task in enumerate(tasks):
+            for m in models:
+                rows = (
+                    overall.filter((pl.col("model") == m.name) & (pl.col("task") == task))
+                    .group_by("k")
+                    .agg(pl.col("value").mean())
+                    .sort("k")
+                )
+                k = rows["k"].to_numpy().astype(float)
+                k[k == -1] = np.nanmax(np.r_[k[k > 0], 1]) * 2  # "all" drawn after the largest k
+                axes[0][c].plot(k, rows["value"].to_numpy(), marker="o", label=m.name)
+            axes[0][c].set_xscale("log", base=2)
+            axes[0][c].set_title(task, fontsize=8)
+            axes[0][c].set_xlabel("k (rightmost: all)")
+        axes[0][0].set_ylabel("held-out AUROC")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / "auroc_vs_k.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    # 3. Validation perplexity by position in the window, per run (from its metrics.json).
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for m in models:
+        path = m.run_dir / "metrics.json" if m.run_dir else None
+        if path is None or not path.is_file():
+            continue
+        by_pos = json.loads(path.read_text()).get("val_loss_by_position") or {}
+        if by_pos:
+            ends = [int(k.split("-")[1]) for k in by_pos]
+            ax.plot(ends, [math.exp(min(v, 50)) for v in by_pos.values()], marker="o", label=m.name)
+            drawn = True
+    if drawn:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("position in the window (bucket end)")
+        ax.set_ylabel("validation perplexity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / "perplexity_by_position.png")
+        fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _log_mlflow(models: list[Model], runs, results: pl.DataFrame, out: Path, files: list[Path]) -> None:
+    """Results and plots as artifacts of each run's MLflow run, headline AUROCs as metrics."""
+    import mlflow
+
+    from ehrlong.tracking import tracking_uri
+
+    for m, run in zip([m for m in models if m.run_dir is not None], runs, strict=True):
+        id_file = run.run_dir / "mlflow_run_id"
+        if not id_file.is_file() or not run.cfg.tracking.enabled:
+            continue
+        client = mlflow.MlflowClient(tracking_uri(run.cfg.tracking.tracking_uri, run.run_dir.parent.parent))
+        run_id = id_file.read_text().strip()
+        mine = results.filter(
+            (pl.col("model") == m.name) & (pl.col("stratum") == "all") & (pl.col("k") == -1)
+        )
+        for row in mine.iter_rows(named=True):
+            if row["value"] is not None and not math.isnan(row["value"]):
+                client.log_metric(run_id, f"eval/{row['task']}/{row['metric']}", row["value"])
+        for f in files:
+            client.log_artifact(run_id, str(f), artifact_path=f"evaluation/{out.name}")
+
+
+def evaluate(args: Args) -> Path:
+    from ehrlong.evaluation.labels import resolve_tasks
+    from ehrlong.evaluation.probes import evaluate_probe
+    from ehrlong.evaluation.representations import label_windows, load_run, representations
+    from ehrlong.paths import runs_root
+
+    if not args.run:
+        raise ConfigError(f"give at least one run: {PROG} run=runs/<config>/<timestamp> [run=...]")
+    if args.n_boot < 100:
+        raise ConfigError(f"n_boot={args.n_boot}: use >= 100 resamples (1,000 for reported CIs).")
+    t0 = time.perf_counter()
+    ks = _ks(args.k)
+    runs = [load_run(r) for r in args.run]
+    root = _data_root(args, runs)
+    tasks = resolve_tasks(args.tasks, root)
+    print(f"evaluating {len(runs)} run(s) on {root}: tasks {', '.join(tasks)}; k={ks}")
+    labels, summaries = _label_table(tasks, root, args.progress)
+    labels = _with_strata(labels, root)
+    keys = labels.select("subject_id", "prediction_time").unique(maintain_order=True)
+
+    # Features per model for every distinct (subject, prediction_time); tasks share them.
+    models: list[Model] = []
+    names = [f"{r.cfg.config_name}@{r.run_dir.name}" if len(runs) > 1 else r.cfg.config_name for r in runs]
+    valid = None
+    stores = {}
+    for run, name in zip(runs, names, strict=True):
+        store = _store_for(run, root)
+        reps, win = representations(run, store, keys, progress=args.progress)
+        valid = win.valid if valid is None else valid & win.valid
+        models.append(Model(name, run.context_length, run.cfg.backbone, reps, run.run_dir))
+        stores[run.context_length] = (store, win)
+    if args.baseline:
+        for length, (store, _) in sorted(stores.items()):
+            win = label_windows(store, keys, length)
+            feats = _count_features(store, win.windows)
+            name = BASELINE if len(stores) == 1 else f"{BASELINE}_L{length}"
+            models.append(Model(name, length, BASELINE, feats))
+    store = next(iter(stores.values()))[0]
+    n_dropped = int((~valid).sum())
+    if n_dropped:
+        print(
+            f"  {n_dropped:,} label times have no token at or before them (or no subject in the store): "
+            "left out of every probe, counted in summary.txt"
+        )
+    keys = keys.with_row_index("row").filter(pl.Series(valid))
+
+    # Probes per (model, task).
+    frames = []
+    for task in tasks:
+        part = labels.filter(pl.col("task") == task).join(
+            keys, on=["subject_id", "prediction_time"], how="inner"
+        )
+        sids = part["subject_id"].to_numpy()
+        split = _splits(store, sids)
+        for m in models:
+            X = m.features[part["row"].to_numpy()]
+            pred = evaluate_probe(
+                X, part["boolean_value"].to_numpy(), sids, split, ks=ks, seeds=range(args.seeds)
+            )
+            meta = part.select("subject_id", "prediction_time")[pred["label_index"].to_numpy()]
+            frames.append(
+                pred.with_columns(
+                    meta["prediction_time"], pl.lit(task).alias("task"), pl.lit(m.name).alias("model")
+                )
+            )
+    preds = pl.concat(frames)
+    results = _bootstrap_rows(preds, labels, args.n_boot)
+    comparisons = _comparisons(preds, labels, models, args.n_boot)
+
+    out = (
+        Path(args.out) if args.out else runs_root() / "evaluations" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    )
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    results.write_parquet(tmp / "results.parquet")
+    results.write_csv(tmp / "results.csv")
+    preds.write_parquet(tmp / "predictions.parquet")
+    if comparisons.height:
+        comparisons.write_parquet(tmp / "comparisons.parquet")
+        comparisons.write_csv(tmp / "comparisons.csv")
+    summary = _summary(results, models)
+    notes = [s.describe() for s in summaries]
+    notes.append(f"{n_dropped:,} label times without any token at or before them: not evaluated")
+    seconds = time.perf_counter() - t0
+    text = f"{summary}\n\nlabels:\n" + "\n".join(f"  {n}" for n in notes) + f"\n\n{seconds:.1f} s\n"
+    (tmp / "summary.txt").write_text(text)
+    plots = _plots(results, models, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # all or nothing: a failed evaluation leaves no half-written results folder
+    files = [out / p.name for p in plots] + [out / "results.csv", out / "summary.txt"]
+    if comparisons.height:
+        files.append(out / "comparisons.csv")
+    if args.mlflow:
+        _log_mlflow(models, runs, results, out, files)
+    print(f"\n{text}\nwrote {out}")
+    return out
+
+
+def main(argv: Sequence[str]) -> int:
+    evaluate(parse(Args, argv, prog=PROG))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
