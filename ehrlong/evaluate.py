@@ -46,6 +46,7 @@ class Args:
     seeds: int = 5  # replicate draws per few-shot k (k=all is fit once)
     n_boot: int = 1000  # subject-level bootstrap resamples
     baseline: bool = True  # the count baseline beside the runs
+    max_labels: int | None = None  # per task: a seeded random sample of this many labels (null = all)
     out: str | None = None  # results folder; null = <runs root>/evaluations/<timestamp>
     tokens_per_batch: int = 65_536  # representation batches (padding included)
     mlflow: bool = True  # log results and plots to each run's MLflow run
@@ -109,18 +110,28 @@ def _store_for(run, root: Path):
     return store
 
 
-def _label_table(tasks: list[str], root: Path, progress: bool) -> tuple[pl.DataFrame, list]:
-    """All tasks' labels in one frame (task, subject_id, prediction_time, boolean_value) + summaries."""
+def _label_table(
+    tasks: list[str], root: Path, progress: bool, max_labels: int | None
+) -> tuple[pl.DataFrame, list[str]]:
+    """All tasks' labels in one frame (task, subject_id, prediction_time, boolean_value) + one note each.
+
+    `max_labels` keeps a seeded random sample per task: every label costs one forward pass over L tokens,
+    and the MIMIC-IV demo's lab tasks have ~30 labels per patient (about 3,000 per task).
+    """
     from ehrlong.evaluation.labels import get_labels
 
-    frames, summaries = [], []
+    frames, notes = [], []
     for task in tasks:
         got = get_labels(task, root)
-        summaries.append(got.summary)
+        labels, note = got.labels, got.summary.describe()
+        if max_labels is not None and labels.height > max_labels:
+            labels = labels.sample(max_labels, seed=0).sort("subject_id", "prediction_time")
+            note += f"; evaluated a random {max_labels:,} of them (max_labels)"
+        notes.append(note)
         if progress:
-            print(f"  {got.summary.describe()}")
-        frames.append(got.labels.with_columns(pl.lit(got.summary.task).alias("task")))
-    return pl.concat(frames).select("task", "subject_id", "prediction_time", "boolean_value"), summaries
+            print(f"  {note}")
+        frames.append(labels.with_columns(pl.lit(got.summary.task).alias("task")))
+    return pl.concat(frames).select("task", "subject_id", "prediction_time", "boolean_value"), notes
 
 
 def _with_strata(labels: pl.DataFrame, root: Path) -> pl.DataFrame:
@@ -386,7 +397,9 @@ def evaluate(args: Args) -> Path:
     root = _data_root(args, runs)
     tasks = resolve_tasks(args.tasks, root)
     print(f"evaluating {len(runs)} run(s) on {root}: tasks {', '.join(tasks)}; k={ks}")
-    labels, summaries = _label_table(tasks, root, args.progress)
+    if args.max_labels is not None and args.max_labels < 10:
+        raise ConfigError(f"max_labels={args.max_labels}: keep at least 10 labels per task, or null for all.")
+    labels, notes = _label_table(tasks, root, args.progress, args.max_labels)
     labels = _with_strata(labels, root)
     keys = labels.select("subject_id", "prediction_time").unique(maintain_order=True)
 
@@ -397,7 +410,7 @@ def evaluate(args: Args) -> Path:
     stores = {}
     for run, name in zip(runs, names, strict=True):
         store = _store_for(run, root)
-        reps, win = representations(run, store, keys, progress=args.progress)
+        reps, win = representations(run, store, keys, args.progress, args.tokens_per_batch)
         valid = win.valid if valid is None else valid & win.valid
         models.append(Model(name, run.context_length, run.cfg.backbone, reps, run.run_dir))
         stores[run.context_length] = (store, win)
@@ -452,7 +465,6 @@ def evaluate(args: Args) -> Path:
         comparisons.write_parquet(tmp / "comparisons.parquet")
         comparisons.write_csv(tmp / "comparisons.csv")
     summary = _summary(results, models)
-    notes = [s.describe() for s in summaries]
     notes.append(f"{n_dropped:,} label times without any token at or before them: not evaluated")
     seconds = time.perf_counter() - t0
     text = f"{summary}\n\nlabels:\n" + "\n".join(f"  {n}" for n in notes) + f"\n\n{seconds:.1f} s\n"

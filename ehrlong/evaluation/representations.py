@@ -138,7 +138,11 @@ def embed_windows(
 
 
 def representations(
-    run: LoadedRun, store: TokenStore, labels: pl.DataFrame, progress: bool = True
+    run: LoadedRun,
+    store: TokenStore,
+    labels: pl.DataFrame,
+    progress: bool = True,
+    tokens_per_batch: int = 65_536,
 ) -> tuple[np.ndarray, Windows]:
     """Representations [n_labels, d_model] of `labels` (subject_id, prediction_time) under `run`; rows of
     labels without a window are NaN and counted in the returned Windows (never dropped silently)."""
@@ -151,5 +155,7 @@ def representations(
     win = label_windows(store, labels, run.context_length)
     reps = np.full((len(labels), run.module.backbone.d_model), np.nan, dtype=np.float32)
     if win.valid.any():
-        reps[win.valid] = embed_windows(run.module, store, win.windows[win.valid], progress=progress)
+        reps[win.valid] = embed_windows(
+            run.module, store, win.windows[win.valid], tokens_per_batch=tokens_per_batch, progress=progress
+        )
     return reps, win
