@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 
 from ehrlong.config import parse
-from ehrlong.errors import ConfigError, run_cli
+from ehrlong.errors import ConfigError, DataError, run_cli
 
 PROG = "python -m ehrlong.evaluate"
 STRATA = ("repetition_1", "repetition", "irregularity", "event_count")  # evaluation.strata columns
@@ -383,6 +383,7 @@ def _log_mlflow(models: list[Model], runs, results: pl.DataFrame, out: Path, fil
 
 def evaluate(args: Args) -> Path:
     from ehrlong.evaluation.labels import resolve_tasks
+    from ehrlong.evaluation.metrics import EvalInputError
     from ehrlong.evaluation.probes import evaluate_probe
     from ehrlong.evaluation.representations import label_windows, load_run, representations
     from ehrlong.paths import runs_root
@@ -431,7 +432,7 @@ def evaluate(args: Args) -> Path:
 
     # Probes per (model, task).
     frames = []
-    for task in tasks:
+    for task in labels["task"].unique(maintain_order=True):
         part = labels.filter(pl.col("task") == task).join(
             keys, on=["subject_id", "prediction_time"], how="inner"
         )
@@ -439,15 +440,22 @@ def evaluate(args: Args) -> Path:
         split = _splits(store, sids)
         for m in models:
             X = m.features[part["row"].to_numpy()]
-            pred = evaluate_probe(
-                X, part["boolean_value"].to_numpy(), sids, split, ks=ks, seeds=range(args.seeds)
-            )
+            try:
+                pred = evaluate_probe(
+                    X, part["boolean_value"].to_numpy(), sids, split, ks=ks, seeds=range(args.seeds)
+                )
+            except EvalInputError as e:  # e.g. a split without positives on a small cohort: say so, go on
+                notes.append(f"{task} / {m.name}: no probe fit: {e}")
+                print(f"  {notes[-1]}")
+                continue
             meta = part.select("subject_id", "prediction_time")[pred["label_index"].to_numpy()]
             frames.append(
                 pred.with_columns(
                     meta["prediction_time"], pl.lit(task).alias("task"), pl.lit(m.name).alias("model")
                 )
             )
+    if not frames:
+        raise DataError("no probe could be fit for any task:\n" + "\n".join(notes))
     preds = pl.concat(frames)
     results = _bootstrap_rows(preds, labels, args.n_boot)
     comparisons = _comparisons(preds, labels, models, args.n_boot)
