@@ -20,6 +20,7 @@ Prints a table (median step time, tokens/s, peak RSS) and writes a PNG of cost v
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -47,6 +48,11 @@ class Args:
     threads: int = 0  # torch threads; 0 = torch's default (all cores)
     out: str = "throughput"  # folder for the PNG and the JSON of all measurements
     overrides: list[str] = field(default_factory=list)  # extra TrainConfig key=value for the backbones
+    # glibc only: MALLOC_MMAP_THRESHOLD_ for the measured processes (null = glibc's dynamic default).
+    # glibc raises its mmap threshold as large blocks are freed, so freed per-segment buffers of a long HMT
+    # pass stay in the heap and the peak RSS grows with the number of segments although the live tensors
+    # do not (hmt_16k, tiny: 1.24 -> 2.74 GB from 16k to 64k tokens by default, 0.71 -> 0.79 GB at 131072).
+    malloc_mmap_threshold: int | None = None
 
 
 def _build(name: str, size: str, length: int, vocab: int, overrides: Sequence[str]):
@@ -156,7 +162,10 @@ def _child(args: Args, name: str, length: int) -> dict:
         [name, args.size, length, args.vocab_size, args.batch_size, args.steps, args.threads, args.overrides]
     )
     code = f"import json,sys; from ehrlong.throughput import measure_one; print(json.dumps(measure_one(*json.loads({payload!r}))))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"backbone": name, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
