@@ -51,7 +51,8 @@ class Args:
     # glibc only: MALLOC_MMAP_THRESHOLD_ for the measured processes (null = glibc's dynamic default).
     # glibc raises its mmap threshold as large blocks are freed, so freed per-segment buffers of a long HMT
     # pass stay in the heap and the peak RSS grows with the number of segments although the live tensors
-    # do not (hmt_16k, tiny: 1.24 -> 2.74 GB from 16k to 64k tokens by default, 0.71 -> 0.79 GB at 131072).
+    # do not (hmt_16k, tiny: 1.20 -> 2.70 GB from 16k to 64k tokens by default, 0.71 -> 0.78 GB at 131072,
+    # but the 64k step took 98.5 s instead of 62.7 s: many more page faults).
     malloc_mmap_threshold: int | None = None
 
 
