@@ -8,8 +8,7 @@ import sys
 import mlflow
 import polars as pl
 import pytest
-
-from tests.test_train import SMALL, env_for, run_dirs, train
+from test_train import SMALL, env_for, run_dirs, train
 
 COHORT = "data.synthetic.n_subjects=120"
 
