@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import mlflow
 import polars as pl
 import pytest
-from test_train import SMALL, env_for, run_dirs, train
+from test_train import CLI, SMALL, run_code, run_dirs, train
 
 COHORT = "data.synthetic.n_subjects=120"
 
@@ -25,15 +22,7 @@ def two_runs(tmp_path_factory):
 
 
 def evaluate(tmp, *args):
-    code = "import sys; from ehrlong.errors import run_cli; from ehrlong.evaluate import main; run_cli(main, sys.argv[1:])"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        env=env_for(tmp),
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_code(tmp, CLI.format(module="ehrlong.evaluate"), *args)
 
 
 def test_evaluate_writes_stratified_results_comparisons_plots_and_mlflow(two_runs):

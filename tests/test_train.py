@@ -38,10 +38,25 @@ def env_for(tmp: Path) -> dict:
     return env
 
 
+CLI = "import sys; from ehrlong.errors import run_cli; from {module} import main; run_cli(main, sys.argv[1:])"
+
+
+def run_code(tmp: Path, code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `python -c code *args` in `tmp` with data, cache and runs kept under `tmp`."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env_for(tmp),
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def train(tmp: Path, *args: str, kill_at_step: int | None = None) -> subprocess.CompletedProcess:
     # A crash is simulated with a real SIGKILL from inside the process, right after the checkpoint of
     # step `kill_at_step - 1` has been written (Lightning runs checkpoint callbacks last).
-    code = "import sys; from ehrlong.errors import run_cli; from ehrlong.train import main; run_cli(main, sys.argv[1:])"
+    code = CLI.format(module="ehrlong.train")
     if kill_at_step is not None:
         code = (
             "import os, signal, lightning as L\n"
@@ -52,14 +67,7 @@ def train(tmp: Path, *args: str, kill_at_step: int | None = None) -> subprocess.
             "def init(self, *a, callbacks=(), **k): _init(self, *a, callbacks=[*callbacks, Kill()], **k)\n"
             "L.Trainer.__init__ = init\n" + code.replace("; ", "\n")
         )
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        env=env_for(tmp),
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_code(tmp, code, *args)
 
 
 def run_dirs(tmp: Path, name: str) -> list[Path]:

@@ -73,6 +73,21 @@ def build_backbone(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     return _builder(cfg.backbone)(cfg, vocab_size)
 
 
+def is_right_padded(mask: torch.Tensor) -> bool:
+    """True when every row of a [B, T] mask is True up to some point and False after it."""
+    mask = mask.bool()
+    return not bool((mask[:, 1:] & ~mask[:, :-1]).any())
+
+
+def require_right_padding(mask: torch.Tensor | None, backbone: str) -> None:
+    """The backbones rely on causality to keep right padding away from real outputs (no padding mask)."""
+    if mask is not None and not is_right_padded(mask):
+        raise ValueError(
+            f"mask has a real token after padding: the {backbone} backbone needs right padding "
+            "(mask True then False along each row); left padding and holes are not supported"
+        )
+
+
 def resolve_size(sizes: dict[str, Size], cfg: TrainConfig) -> Size:
     """The size table row for `cfg.size`, with explicit `model.d_model` / `model.n_layers` overrides."""
     if cfg.size not in sizes:

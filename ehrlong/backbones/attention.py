@@ -314,19 +314,16 @@ PATTERN_PARAMS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _is_right_padded(key_mask: torch.Tensor) -> bool:
-    """True when every row of a [B, T] mask is True up to some point and False after it."""
-    return not bool((key_mask[:, 1:] & ~key_mask[:, :-1]).any())
-
-
 def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-function signature (AttentionInterface): q [B, H, T, hd], k/v [B, H_kv, T, hd]
     after RoPE -> (out [B, T, H, hd], None). The pattern and its parameters come from
     `module.config.attention_pattern`, a dict {"pattern": name, **params} that llama_config sets.
     """
+    from ehrlong.backbones import is_right_padded
+
     spec = dict(module.config.attention_pattern)
     name = spec.pop("pattern")
-    if attention_mask is not None and not _is_right_padded(attention_mask):
+    if attention_mask is not None and not is_right_padded(attention_mask):
         # Right padding needs no mask: every pattern is causal, so a real query never reaches a padded key.
         # Left padding or holes would need per-row key masks, which the blocked kernels do not carry.
         raise ValueError(

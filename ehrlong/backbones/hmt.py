@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ehrlong.backbones import BACKBONES, build_backbone
+from ehrlong.backbones import BACKBONES, build_backbone, require_right_padding
 from ehrlong.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -144,11 +144,7 @@ class HMTBackbone(nn.Module):
             raise ValueError("pass exactly one of tokens [B, T] or embeddings [B, T, d_model]")
         x = tokens if embeddings is None else embeddings
         batch, length = x.shape[:2]
-        if mask is not None and bool((mask[:, 1:].bool() & ~mask[:, :-1].bool()).any()):
-            raise ValueError(
-                "mask has a real token after padding: the hmt backbone needs right padding "
-                "(mask True then False along each row); left padding and holes are not supported"
-            )
+        require_right_padding(mask, "hmt")
         if times is None:
             times = torch.zeros(batch, length, device=x.device)
 

@@ -39,7 +39,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from ehrlong.backbones import Size, resolve_size
+from ehrlong.backbones import Size, require_right_padding, resolve_size
 from ehrlong.backbones.attention import (
     ATTENTION_PATTERNS,
     PATTERN_PARAMS,
@@ -335,11 +335,7 @@ class TransformerBackbone(nn.Module):
         x = self.embed(tokens) if embeddings is None else embeddings  # [B, T, D]
         batch, length = x.shape[:2]
         mask = None if mask is None else mask.bool()
-        if mask is not None and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
-            raise ValueError(
-                "mask has a real token after padding: the transformer backbone needs right padding "
-                "(mask True then False along each row); left padding and holes are not supported"
-            )
+        require_right_padding(mask, "transformer")
 
         if self.position == "time":
             position_ids = time_positions(times, mask, self.positions_per_day)  # [B, T] float
