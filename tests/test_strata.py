@@ -16,6 +16,7 @@ from ehrlong.evaluation.strata import (
     repetition,
     repetition_score,
     strata,
+    strata_at,
 )
 
 A, B, C = 0, 1, 2
@@ -63,9 +64,20 @@ def _random_store(rng: np.random.Generator, n_subjects: int, max_code: int):
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     codes = rng.integers(0, max_code, offsets[-1])
     codes[rng.random(offsets[-1]) < 0.5] %= 4  # plenty of repeats
-    times = np.concatenate([np.sort(rng.integers(0, 30, n)).astype(float) for n in lengths])
-    times[rng.random(offsets[-1]) < 0.05] = np.nan  # static rows
+    # MEDS order: a few static rows (NaN time) first, then ascending times with ties.
+    times = np.concatenate(
+        [
+            np.r_[np.full(n // 10, np.nan), np.sort(rng.integers(0, 30, n - n // 10))].astype(float)
+            for n in lengths
+        ]
+    )
     return codes, times, offsets
+
+
+def _reference(codes, times, keep):
+    c, t = codes[keep], times[keep]
+    score = repetition_score(c)
+    return len(c), score.rr_1, score.rr_mean, irregularity(t)
 
 
 @pytest.mark.parametrize("max_code", [12, 2**40])  # 2**40: keys that would overflow a naive packing
@@ -77,13 +89,41 @@ def test_batch_matches_reference(max_code):
     got = strata(codes, times, offsets, before=before, exclude=exclude)
     for i in range(40):
         c, t = codes[offsets[i] : offsets[i + 1]], times[offsets[i] : offsets[i + 1]]
-        keep = ~(t > before[i]) & (c != 3)
-        c, t = c[keep], t[keep]
-        score = repetition_score(c)
-        assert got["event_count"][i] == len(c)
-        np.testing.assert_equal(got["repetition_1"][i], score.rr_1)
-        np.testing.assert_allclose(got["repetition"][i], score.rr_mean, equal_nan=True)
-        np.testing.assert_allclose(got["irregularity"][i], irregularity(t), equal_nan=True)
+        count, rr_1, rr_mean, irr = _reference(c, t, ~(t > before[i]) & (c != 3))
+        assert got["event_count"][i] == count
+        np.testing.assert_equal(got["repetition_1"][i], rr_1)
+        np.testing.assert_allclose(got["repetition"][i], rr_mean, equal_nan=True)
+        np.testing.assert_allclose(got["irregularity"][i], irr, equal_nan=True)
+
+
+def test_many_cutoffs_per_subject_match_reference():
+    """strata_at reads every cutoff off running counts; each must equal the strata of its own prefix,
+    including cutoffs before the first event, on a tie, after the last event and NaN (whole history)."""
+    rng = np.random.default_rng(1)
+    codes, times, offsets = _random_store(rng, 30, 9)
+    cut_subject = rng.integers(0, 30, 400)
+    cut_time = rng.integers(-2, 33, 400).astype(float)  # integer days: many cutoffs land on event ties
+    cut_time[::17] = np.nan
+    got = strata_at(codes, times, offsets, cut_subject, cut_time)
+    for j, (i, cut) in enumerate(zip(cut_subject, cut_time, strict=True)):
+        c, t = codes[offsets[i] : offsets[i + 1]], times[offsets[i] : offsets[i + 1]]
+        count, rr_1, rr_mean, irr = _reference(c, t, np.ones(len(c), bool) if np.isnan(cut) else ~(t > cut))
+        assert got["event_count"][j] == count
+        np.testing.assert_equal(got["repetition_1"][j], rr_1)
+        np.testing.assert_allclose(got["repetition"][j], rr_mean, equal_nan=True)
+        np.testing.assert_allclose(got["irregularity"][j], irr, equal_nan=True, rtol=1e-9, atol=1e-9)
+
+
+def test_irregularity_of_large_day_counts_does_not_cancel():
+    """Days since 1970 are ~2e4; a naive running sum of squares would lose the small gap spread."""
+    times = 20_000.0 + np.cumsum(np.r_[0.0, np.tile([1.0, 1.0 + 1e-6], 50)])
+    got = strata_at(np.zeros(len(times), dtype=np.int64), times, np.array([0, len(times)]), [0], [np.nan])
+    np.testing.assert_allclose(got["irregularity"][0], irregularity(times), rtol=1e-6)
+
+
+def test_out_of_order_events_are_refused():
+    with pytest.raises(ValueError, match="not in MEDS order"):
+        strata_at(np.array([1, 2]), np.array([2.0, 1.0]), np.array([0, 2]), [0], [np.nan])
 
 
 def test_batch_cutoff_is_inclusive_and_keeps_static_rows():

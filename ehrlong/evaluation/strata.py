@@ -80,8 +80,14 @@ def event_count(codes: np.ndarray) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Many subjects at once, from the token store layout (flat arrays + offsets)
+# Many histories at once, from flat arrays + offsets (the token store layout)
 # ---------------------------------------------------------------------------------------------------
+#
+# Evaluation asks for the strata of one subject at many prediction times (the MIMIC-IV demo's lab tasks
+# have ~30 labels per patient). Copying the history once per cutoff costs labels x events; instead every
+# quantity is a running count along the subject's time-ordered events, read off at each cutoff:
+# - an n-gram type is distinct in a prefix once its first occurrence is in, repeated once its second is;
+# - the gap std comes from running counts, sums and sums of squares of the gaps (centred per subject).
 
 
 def _subject_index(offsets: np.ndarray) -> np.ndarray:
@@ -93,57 +99,134 @@ def _dense(keys: np.ndarray) -> tuple[np.ndarray, int]:
     return inverse.astype(np.int64), len(uniq)
 
 
-def _rr_by_subject(gram_ids: np.ndarray, subject: np.ndarray, n_subjects: int) -> np.ndarray:
-    """RR per subject from n-gram ids scoped to one subject (ids need not be contiguous); NaN where none."""
-    counts = np.bincount(gram_ids)
-    owner = np.zeros(len(counts), dtype=np.int64)
-    owner[gram_ids] = subject
-    distinct = np.bincount(owner[counts > 0], minlength=n_subjects)
-    repeated = np.bincount(owner[counts > 1], minlength=n_subjects)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(distinct > 0, repeated / np.maximum(distinct, 1), np.nan)
+def _cumulative(flags: np.ndarray) -> np.ndarray:
+    """cum[i] = sum of flags[:i] (length len(flags) + 1), so a half-open range [a, b) sums to cum[b] - cum[a]."""
+    return np.concatenate([[0], np.cumsum(flags)])
 
 
-def _repetition_batch(
-    codes: np.ndarray, subject: np.ndarray, n_subjects: int, orders: tuple[int, ...]
+def _occurrence_rank(gram: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """For each valid position, how many earlier positions hold the same gram id (-1 where invalid)."""
+    rank = np.full(len(gram), -1, dtype=np.int64)
+    pos = np.flatnonzero(valid)
+    order = pos[np.argsort(gram[pos], kind="stable")]  # by gram, then by position
+    sorted_gram = gram[order]
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = sorted_gram[1:] != sorted_gram[:-1]
+    first = np.maximum.accumulate(np.where(new, np.arange(len(order)), 0))
+    rank[order] = np.arange(len(order)) - first
+    return rank
+
+
+def _repetition_at(
+    codes: np.ndarray, subject: np.ndarray, start: np.ndarray, end: np.ndarray, orders: tuple[int, ...]
 ) -> np.ndarray:
-    """RR_n for every subject and order, shape [n_subjects, len(orders)].
+    """RR_n of each prefix [start, end) of the flat arrays, shape [n_prefixes, len(orders)].
 
-    n-grams are numbered by rolling: the id of the n-gram at position p pairs the id of the (n-1)-gram
-    at p with the code at p+n-1, re-densified each order, so keys stay below len(codes) * n_codes and
-    never overflow int64. The first order's key includes the subject, which scopes every later one.
+    n-grams are numbered by rolling: the id of the n-gram starting at p pairs the id of the (n-1)-gram at
+    p with the code at p+n-1, re-densified each order, so keys stay below len(codes) * n_codes and never
+    overflow int64. The first order's key includes the subject, which scopes every later one.
     """
     code_ids, n_codes = _dense(codes)
     gram, _ = _dense(subject * n_codes + code_ids)
     valid = np.ones(len(codes), dtype=bool)
-    out = np.full((n_subjects, len(orders)), np.nan)
+    out = np.full((len(start), len(orders)), np.nan)
     for n in range(1, max(orders) + 1):
         if n > 1:
             gram = gram[:-1] * n_codes + code_ids[n - 1 :]
             valid = valid[:-1] & (subject[: len(gram)] == subject[n - 1 :])
             gram = np.where(valid, _dense(np.where(valid, gram, -1))[0], -1)
-        if n in orders:
-            out[:, orders.index(n)] = _rr_by_subject(gram[valid], subject[: len(gram)][valid], n_subjects)
+        if n not in orders:
+            continue
+        rank = _occurrence_rank(gram, valid)
+        # Padded to len(codes) + 1: the last n - 1 positions start no n-gram.
+        distinct, repeated = (np.pad(_cumulative(rank == r), (0, n - 1), mode="edge") for r in (0, 1))
+        last = np.clip(end - n + 1, start, None)  # grams starting before `last` end inside the prefix
+        d = distinct[last] - distinct[start]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, orders.index(n)] = np.where(
+                d > 0, (repeated[last] - repeated[start]) / np.maximum(d, 1), np.nan
+            )
     return out
 
 
-def _gap_std_batch(
-    times: np.ndarray, subject: np.ndarray, n_subjects: int, distinct_times: bool
+def _gap_std_at(
+    times: np.ndarray,
+    subject: np.ndarray,
+    n_subjects: int,
+    start: np.ndarray,
+    end: np.ndarray,
+    distinct_times: bool,
 ) -> np.ndarray:
-    timed = ~np.isnan(times)
-    times, subject = times[timed], subject[timed]
-    order = np.lexsort((times, subject))
-    times, subject = times[order], subject[order]
-    if distinct_times:
-        new = np.ones(len(times), dtype=bool)
-        new[1:] = (subject[1:] != subject[:-1]) | (times[1:] != times[:-1])
-        times, subject = times[new], subject[new]
-    same = subject[1:] == subject[:-1]
-    gaps, owner = np.diff(times)[same], subject[1:][same]
-    n = np.bincount(owner, minlength=n_subjects)
-    mean = np.bincount(owner, weights=gaps, minlength=n_subjects) / np.maximum(n, 1)
-    sq = np.bincount(owner, weights=(gaps - mean[owner]) ** 2, minlength=n_subjects)
-    return np.where(n >= 2, np.sqrt(sq / np.maximum(n, 1)), np.nan)
+    """Std (ddof 0) of the gaps inside each prefix [start, end); static (NaN) times are first and skipped."""
+    gap = np.full(len(times), np.nan)
+    if len(times) > 1:
+        same = (subject[1:] == subject[:-1]) & ~np.isnan(times[:-1])
+        gap[1:] = np.where(same, times[1:] - times[:-1], np.nan)  # NaN unless both ends are timed
+    has = ~np.isnan(gap) & ((gap > 0) if distinct_times else True)
+    g = np.where(has, gap, 0.0)
+    # Shift by each subject's first gap before squaring (the shifted-data variance): every prefix starts at
+    # the subject's first event, so equal gaps give exactly 0, and the running sums do not cancel.
+    idx = np.flatnonzero(has)
+    first = np.zeros(n_subjects)
+    first[subject[idx[::-1]]] = g[idx[::-1]]  # reversed: the earliest gap of a subject is written last
+    x = np.where(has, g - first[subject], 0.0)
+    n, s1, s2 = _cumulative(has), _cumulative(x), _cumulative(x * x)
+    # A gap sits at its later event, so a prefix [start, end) holds the gaps at start+1 .. end-1.
+    lo = np.minimum(start + 1, end)
+    k = n[end] - n[lo]
+    mean = (s1[end] - s1[lo]) / np.maximum(k, 1)
+    var = np.maximum((s2[end] - s2[lo]) / np.maximum(k, 1) - mean**2, 0.0)
+    return np.where(k >= 2, np.sqrt(var), np.nan)
+
+
+def strata_at(
+    codes: np.ndarray,
+    times: np.ndarray,
+    offsets: np.ndarray,
+    cut_subject: np.ndarray,
+    cut_time: np.ndarray,
+    distinct_times: bool = True,
+) -> dict[str, np.ndarray]:
+    """All strata of many (subject, cutoff) pairs: subject i owns events offsets[i]:offsets[i+1].
+
+    Events of a subject must be in MEDS order: static rows (NaN time) first, then ascending time; the
+    n-grams run in that order. Cutoff j keeps subject cut_subject[j]'s static rows and events with
+    time <= cut_time[j] (a representation may use events at the prediction time, DESIGN.md §3); a NaN
+    cut_time keeps the whole history. Returns arrays of length n_cutoffs: event_count, repetition
+    (geometric mean over n = 1..4), repetition_1 and irregularity; NaN where the kept history is too
+    short (see the module docstring). Cost: O(events + cutoffs) after a sort, whatever the cutoffs per subject.
+    """
+    codes, times, offsets = np.asarray(codes), np.asarray(times, dtype=np.float64), np.asarray(offsets)
+    cut_subject = np.asarray(cut_subject, dtype=np.int64)
+    cut_time = np.asarray(cut_time, dtype=np.float64)
+    n_subjects = len(offsets) - 1
+    subject = _subject_index(offsets)
+    key = np.where(np.isnan(times), -np.inf, times)
+    if len(key) > 1 and np.any((subject[1:] == subject[:-1]) & (key[1:] < key[:-1])):
+        i = int(np.flatnonzero((subject[1:] == subject[:-1]) & (key[1:] < key[:-1]))[0]) + 1
+        raise ValueError(
+            f"strata_at: events of subject index {subject[i]} are not in MEDS order (static rows first, then "
+            f"ascending time): position {i} has time {times[i]} after {times[i - 1]}. Sort each subject's events "
+            "by time (nulls first) as meds_strata does."
+        )
+    # Where each cutoff ends: events of its subject up to its time (ties included), by one merged sort.
+    cut_key = np.where(np.isnan(cut_time), np.inf, cut_time)
+    order = np.lexsort(
+        (np.r_[np.zeros(len(key)), np.ones(len(cut_key))], np.r_[key, cut_key], np.r_[subject, cut_subject])
+    )
+    is_cut = order >= len(key)
+    events_before = np.cumsum(~is_cut)[is_cut]  # events sorted before each cutoff, in merged order
+    end = np.empty(len(cut_key), dtype=np.int64)
+    end[order[is_cut] - len(key)] = events_before
+    start = offsets[cut_subject]
+
+    rr = _repetition_at(codes, subject, start, end, NGRAM_ORDERS)
+    return {
+        "event_count": end - start,
+        "repetition": np.prod(rr, axis=1) ** (1 / len(NGRAM_ORDERS)),
+        "repetition_1": rr[:, NGRAM_ORDERS.index(1)],
+        "irregularity": _gap_std_at(times, subject, n_subjects, start, end, distinct_times),
+    }
 
 
 def strata(
@@ -154,31 +237,16 @@ def strata(
     exclude: np.ndarray | list[int] | None = None,
     distinct_times: bool = True,
 ) -> dict[str, np.ndarray]:
-    """All strata for many subjects: subject i owns events offsets[i]:offsets[i+1] (in time order).
-
-    `before[i]` cuts subject i's history at a time (same unit as `times`): events with time <= before[i]
-    count, as a representation for a prediction time may use events at that time (DESIGN.md §3); events
-    with a NaN time (static rows) always count. `exclude`: codes left out of every stratum.
-    Returns arrays of length n_subjects: event_count, repetition (geometric mean over n = 1..4),
-    repetition_1 and irregularity; NaN where the kept history is too short (see the module docstring).
-    """
+    """`strata_at` with one cutoff per subject: `before[i]` (None = whole histories), and `exclude`:
+    codes left out of every stratum. Events in MEDS order, as for `strata_at`."""
     codes, times, offsets = np.asarray(codes), np.asarray(times, dtype=np.float64), np.asarray(offsets)
-    n_subjects = len(offsets) - 1
-    subject = _subject_index(offsets)
-    keep = np.ones(len(codes), dtype=bool)
-    if before is not None:
-        keep &= ~(times > np.asarray(before, dtype=np.float64)[subject])
     if exclude is not None:
-        keep &= ~np.isin(codes, np.asarray(exclude))
-    codes, times, subject = codes[keep], times[keep], subject[keep]
-
-    rr = _repetition_batch(codes, subject, n_subjects, NGRAM_ORDERS)
-    return {
-        "event_count": np.bincount(subject, minlength=n_subjects),
-        "repetition": np.prod(rr, axis=1) ** (1 / len(NGRAM_ORDERS)),
-        "repetition_1": rr[:, NGRAM_ORDERS.index(1)],
-        "irregularity": _gap_std_batch(times, subject, n_subjects, distinct_times),
-    }
+        keep = ~np.isin(codes, np.asarray(exclude))
+        offsets = _cumulative(keep)[offsets]
+        codes, times = codes[keep], times[keep]
+    n_subjects = len(offsets) - 1
+    cut = np.full(n_subjects, np.nan) if before is None else np.asarray(before, dtype=np.float64)
+    return strata_at(codes, times, offsets, np.arange(n_subjects), cut, distinct_times)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,12 +260,13 @@ def meds_strata(
     exclude_codes: Sequence[str] = (meds.birth_code,),
     distinct_times: bool = True,
 ) -> pl.DataFrame:
-    """`strata` per subject of MEDS events (subject_id, time, code), in their order within a subject.
+    """Strata of MEDS events (subject_id, time, code) at each cutoff, on the history up to it.
 
-    `cutoffs` (subject_id, prediction_time; e.g. a label file) cuts each history at its prediction time
-    and picks the subjects: one output row per cutoff row (a subject may have several, each gets its own
-    copy of the history), a subject without events gets event_count 0 and NaN strata. Without cutoffs: every subject with events, whole history.
-    Times become float days since 1970; static (null-time) rows count as events but have no gap.
+    `cutoffs` (subject_id, prediction_time; e.g. a label file) gives one output row per cutoff row (a
+    subject may have many), in their order; a subject without events gets event_count 0 and NaN strata.
+    Without cutoffs: one row per subject with events, whole history. Each subject's events are put in MEDS
+    order (static rows first, then by time; ties keep their given order). Times become float days since
+    1970; static (null-time) rows count as events but have no gap.
     """
     events = events.lazy().select("subject_id", "time", "code")
     if cutoffs is None:
@@ -205,24 +274,26 @@ def meds_strata(
         subjects = subjects.with_columns(pl.lit(None, dtype=pl.Datetime("us")).alias("prediction_time"))
     else:
         subjects = cutoffs.select("subject_id", pl.col("prediction_time").cast(pl.Datetime("us")))
+    wanted = np.unique(subjects["subject_id"].to_numpy())
     rows = (
-        events.filter(~pl.col("code").is_in(list(exclude_codes)))
-        .join(subjects.lazy().with_row_index("row"), on="subject_id", how="inner", maintain_order="left")
-        .sort("row", maintain_order=True)  # stable: keeps each subject's events in their given order
+        events.filter(~pl.col("code").is_in(list(exclude_codes)) & pl.col("subject_id").is_in(wanted))
+        .sort("subject_id", "time", nulls_last=False, maintain_order=True)
         .select(
-            "row",
+            "subject_id",
             pl.col("code").cast(pl.Categorical).to_physical().alias("code_id"),
             (pl.col("time").dt.epoch("us").cast(pl.Float64) / DAY_US).fill_null(float("nan")).alias("day"),
         )
         .collect()
     )
-    offsets = np.searchsorted(rows["row"].to_numpy(), np.arange(subjects.height + 1))
-    before = subjects["prediction_time"].dt.epoch("us").cast(pl.Float64).to_numpy() / DAY_US
-    out = strata(
+    offsets = np.searchsorted(rows["subject_id"].to_numpy(), np.r_[wanted, np.iinfo(np.int64).max])
+    offsets[-1] = rows.height
+    cut_time = subjects["prediction_time"].dt.epoch("us").cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    out = strata_at(
         rows["code_id"].to_numpy(),
         rows["day"].to_numpy(),
         offsets,
-        before=None if cutoffs is None else before,
+        np.searchsorted(wanted, subjects["subject_id"].to_numpy()),
+        cut_time / DAY_US,
         distinct_times=distinct_times,
     )
     return subjects.with_columns(**{name: out[name] for name in STRATA_COLUMNS})
