@@ -11,8 +11,16 @@ transformers' `MambaForCausalLM` (in_proj, conv1d, x_proj, dt_proj, A_log, D, ou
 
 Two paths compute the same function (DESIGN.md §7.4): with CUDA and `mamba-ssm` / `causal-conv1d`
 installed (the `[cuda]` extra) their fused kernels; everywhere else the chunked pure-torch scan of
-`ehrlong.backbones.scan`, which tests hold to a sequential reference. `step()` runs one token at a time
-from a carried (conv, ssm) state, for recurrent inference.
+`ehrlong.backbones.scan`, which tests hold to a sequential reference.
+
+Incremental prediction (issue 6) carries a per-layer state (conv [B, d_inner, d_conv], ssm [B, d_inner,
+d_state]) from `init_state()`. Two ways advance it, and they mix freely:
+
+    hidden, state = backbone.prefill(tokens [B, M], state, lengths=lengths)   # M tokens, chunk-parallel
+    hidden, state = backbone.step(tokens [B], state)                          # one token
+
+Both compute the same function as forward() over the whole timeline at the new positions, at a cost that
+depends on the new tokens only, not on the history the state summarises.
 """
 
 from __future__ import annotations
@@ -63,7 +71,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        # At least float32 (bf16 is too coarse for the mean square); float64 stays float64 so that float64
+        # runs can check the model to rounding (tests/test_incremental.py).
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
@@ -134,10 +144,64 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        # conv holds the last d_conv inputs of the conv (the newest last), in the model's dtype; ssm the
+        # recurrent state in the scan's compute dtype (float32, or float64 for a float64 model).
         d = self.dims
         conv = torch.zeros(batch, d.d_inner, d.d_conv, device=device, dtype=dtype)
-        ssm = torch.zeros(batch, d.d_inner, d.d_state, device=device, dtype=torch.float32)
+        ssm_dtype = torch.promote_types(dtype, torch.float32)
+        ssm = torch.zeros(batch, d.d_inner, d.d_state, device=device, dtype=ssm_dtype)
         return conv, ssm
+
+    def prefill(self, h: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], lengths=None):
+        # h [B, M, d_model], M new tokens continuing `state` -> ([B, M, d_model], new state). The same
+        # function as forward() at those positions, costing O(M): the conv starts from the inputs carried in
+        # the conv state instead of zero padding, and the scan starts from the ssm state (h0).
+        # Always the pure-torch path, on any device: mamba_ssm's selective_scan_fn takes no initial state,
+        # so it cannot continue a timeline.
+        # lengths [B] (optional): row i's real tokens are h[i, :lengths[i]]; its new state is the one after
+        # its own last real token, and its outputs at padded positions are meaningless.
+        conv_state, ssm_state = state
+        batch, M, _ = h.shape
+        k = self.dims.d_conv
+        x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # each [B, d_inner, M]
+        # The carried inputs then the new ones: the state's newest column is the token just before this chunk.
+        x_all = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # [B, d_inner, d_conv + M]
+        w = self.conv1d.weight
+        x = F.silu(F.conv1d(x_all[..., 1:], w, self.conv1d.bias, groups=w.shape[0]))  # [B, d_inner, M]
+        if lengths is None:
+            conv_state = x_all[..., -k:].clone()  # a copy: a view would keep all of x_all alive
+        else:
+            # Row i's last real token sits at column d_conv + lengths[i] - 1 of x_all; keep the d_conv
+            # columns ending there (lengths[i] = 0 keeps the old state).
+            cols = lengths.view(batch, 1, 1) + torch.arange(k, device=h.device)
+            conv_state = x_all.gather(-1, cols.expand(-1, x_all.shape[1], -1))
+
+        delta, b, c = self._ssm_inputs(x)
+        A = -torch.exp(self.A_log.float())
+        dt_bias, softplus = self.dt_proj.bias.float(), True
+        if lengths is not None:
+            # Padded positions get dt = 0: decay exp(0 * A) = 1 and input 0 * x * B = 0, so the ssm state
+            # passes through them exactly unchanged (the trick the scan uses to pad to whole chunks).
+            # Discretising here, as the scan would (softplus(delta + bias)), keeps real positions identical.
+            real = torch.arange(M, device=h.device) < lengths.view(batch, 1)  # [B, M]
+            dtype = torch.promote_types(x.dtype, torch.float32)  # the scan's compute dtype
+            delta = F.softplus(delta.to(dtype) + dt_bias.to(dtype).view(-1, 1)) * real.unsqueeze(1)
+            dt_bias, softplus = None, False
+        y, ssm = selective_scan(
+            x,
+            delta,
+            A,
+            b,
+            c,
+            self.D.float(),
+            z,
+            dt_bias,
+            delta_softplus=softplus,
+            return_last_state=True,
+            h0=ssm_state,
+            **self.scan_kwargs,
+        )
+        return self.out_proj(y.transpose(1, 2)), (conv_state, ssm.to(ssm_state.dtype))
 
     def step(self, h: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
         # h [B, d_model] one token -> ([B, d_model], new state). Same function as forward() at that position.
@@ -167,6 +231,10 @@ class MambaBlock(nn.Module):
 
     def step(self, h: torch.Tensor, state):
         out, state = self.mixer.step(self.norm(h), state)
+        return h + out, state
+
+    def prefill(self, h: torch.Tensor, state, lengths=None):
+        out, state = self.mixer.prefill(self.norm(h), state, lengths)
         return h + out, state
 
 
@@ -227,6 +295,49 @@ class MambaBackbone(nn.Module):
         new_state = []
         for layer, s in zip(self.layers, state, strict=True):
             h, s = layer.step(h, s)
+            new_state.append(s)
+        return self.norm_f(h), new_state
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, state=None, times=None, lengths: torch.Tensor | None = None):
+        """Advance the recurrent state by M tokens at once: tokens [B, M] -> (hidden [B, M, D], new state).
+
+        `state` is what init_state(), step() or an earlier prefill() returned (None: a fresh timeline).
+        hidden[:, j] equals forward() over the whole timeline so far at that token, and the new state
+        continues exactly where the M tokens end, so prefill() and step() can be mixed freely. The cost is
+        O(M) whatever the history length: the state stands in for it (issue 6).
+
+        lengths [B] (optional) lets rows be right-padded to M: row i's real tokens are tokens[i, :lengths[i]]
+        (0 allowed), its new state is the one after its own last real token, and padding never changes it.
+        hidden at padded positions is meaningless; row i's last-token hidden state is hidden[i, lengths[i] - 1].
+        Inference only, like step(): no dropout, no gradients. `times` is unused (order carries time here).
+        """
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be [batch, M] with M >= 1, got shape {tuple(tokens.shape)}.")
+        batch, M = tokens.shape
+        if state is None:
+            state = self.init_state(batch, tokens.device)
+        if len(state) != len(self.layers):
+            raise ValueError(
+                f"state has {len(state)} layer states but the model has {len(self.layers)} layers; "
+                "pass what init_state(), step() or prefill() of this model returned."
+            )
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=tokens.device)
+            if lengths.shape != (batch,) or lengths.is_floating_point():
+                raise ValueError(
+                    f"lengths must be an integer tensor of shape ({batch},), one per row of tokens, "
+                    f"got shape {tuple(lengths.shape)} {lengths.dtype}."
+                )
+            if bool((lengths < 0).any()) or bool((lengths > M).any()):
+                raise ValueError(
+                    f"lengths must lie in [0, {M}] (the number of token columns), got {lengths.tolist()}."
+                )
+            lengths = lengths.long()
+        h = self.embed(tokens)
+        new_state = []
+        for layer, s in zip(self.layers, state, strict=True):
+            h, s = layer.prefill(h, s, lengths)
             new_state.append(s)
         return self.norm_f(h), new_state
 
