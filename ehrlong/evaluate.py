@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from tqdm.auto import tqdm
 
 from ehrlong.config import parse
 from ehrlong.errors import ConfigError, DataError, run_cli
@@ -64,6 +65,25 @@ class Model:
     run_dir: Path | None = None
 
 
+class Stages:
+    """Wall time per stage, printed as each ends and kept for summary.txt (where does evaluation spend it)."""
+
+    def __init__(self, progress: bool):
+        self.progress, self.seconds, self._t = progress, {}, time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
+        self._t = now
+        if self.progress:
+            print(f"  [{name}: {self.seconds[name]:.1f} s]")
+
+    def describe(self) -> str:
+        total = sum(self.seconds.values())
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        return f"{total:.1f} s ({parts})"
+
+
 def _ks(values: Sequence[str]) -> list[int | str]:
     from ehrlong.evaluation.probes import K_SHOTS
 
@@ -80,34 +100,6 @@ def _ks(values: Sequence[str]) -> list[int | str]:
                 f"k={v!r}: each k is a positive integer or 'all'; or k=grid for {list(K_SHOTS)}."
             )
     return out
-
-
-def _data_root(args: Args, runs) -> Path:
-    from ehrlong.data.datasets import DATASETS, ensure_dataset
-    from ehrlong.train import resolve_data_root
-
-    if args.data is not None:
-        return ensure_dataset(args.data) if args.data in DATASETS else Path(args.data)
-    roots = {resolve_data_root(r.cfg).resolve() for r in runs}
-    if len(roots) > 1:
-        raise ConfigError(
-            f"the runs were trained on different datasets ({', '.join(map(str, sorted(roots)))}); "
-            "pass data=DIR to evaluate them on one."
-        )
-    return roots.pop()
-
-
-def _store_for(run, root: Path):
-    from ehrlong.data.store import TokenStore, ensure_store
-
-    store = TokenStore.open(ensure_store(root, run.cfg.data.tokenizer, progress=False))
-    if store.tokenizer.hash != run.tokenizer_hash:
-        raise ConfigError(
-            f"run {run.run_dir} was trained with another tokenizer than the one ehrlong fits on {root} "
-            f"({run.cfg.data.tokenizer} recipe): its token ids would mean other codes there. Evaluate a run on "
-            "the dataset it was trained on (data= defaults to it)."
-        )
-    return store
 
 
 def _label_table(
@@ -160,12 +152,16 @@ def _count_features(store, windows: np.ndarray):
     return count_features_flat(np.asarray(codes, dtype=np.int64), offsets, store.tokenizer.vocab_size)
 
 
-def _bootstrap_rows(preds: pl.DataFrame, labels: pl.DataFrame, n_boot: int) -> pl.DataFrame:
+def _bootstrap_rows(preds: pl.DataFrame, labels: pl.DataFrame, n_boot: int, progress: bool) -> pl.DataFrame:
     """Metrics with CIs per (model, task, k, seed), overall and per quartile of every stratum."""
     from ehrlong.evaluation.metrics import bootstrap
 
     frames = []
-    for (model, task), part in preds.group_by(["model", "task"], maintain_order=True):
+    groups = preds.group_by(["model", "task"], maintain_order=True)
+    n_groups = preds.select("model", "task").n_unique()
+    for (model, task), part in tqdm(
+        groups, total=n_groups, desc="bootstrap", unit="model x task", disable=not progress
+    ):
         part = part.join(labels, on=["task", "subject_id", "prediction_time"], how="left")
         group = part["k"].cast(pl.String) + "|" + part["seed"].cast(pl.String).fill_null("-")
         for i, stratum in enumerate(STRATA):
@@ -200,7 +196,9 @@ def _bootstrap_rows(preds: pl.DataFrame, labels: pl.DataFrame, n_boot: int) -> p
     return out.select(*cols, "stratum_low", "stratum_high", "n", "n_subjects", "n_pos", "n_boot_valid")
 
 
-def _comparisons(preds: pl.DataFrame, labels: pl.DataFrame, models: list[Model], n_boot: int) -> pl.DataFrame:
+def _comparisons(
+    preds: pl.DataFrame, labels: pl.DataFrame, models: list[Model], n_boot: int, progress: bool
+) -> pl.DataFrame:
     """Every longer-context run against every shorter one, k=all: paired differences and win rates."""
     from ehrlong.evaluation.metrics import paired_difference
 
@@ -213,7 +211,9 @@ def _comparisons(preds: pl.DataFrame, labels: pl.DataFrame, models: list[Model],
             a = full.filter(pl.col("model") == long.name).select(*keys, "y_true", pl.col("y_prob").alias("a"))
             b = full.filter(pl.col("model") == short.name).select(*keys, pl.col("y_prob").alias("b"))
             pair = a.join(b, on=keys).join(labels, on=keys, how="left")
-            for task, part in pair.group_by("task", maintain_order=True):
+            tasks = pair.group_by("task", maintain_order=True)
+            desc = f"{long.name} vs {short.name}"
+            for task, part in tqdm(tasks, total=pair["task"].n_unique(), desc=desc, disable=not progress):
                 for stratum in STRATA:
                     res = paired_difference(
                         part["y_true"].to_numpy(),
@@ -359,9 +359,50 @@ def _plots(results: pl.DataFrame, models: list[Model], out: Path) -> list[Path]:
     return paths
 
 
+def _save_probes(
+    probes: dict, models: list[Model], runs, results: pl.DataFrame, root: Path, out: Path, max_labels
+) -> None:
+    """Each run's k=all probe per task into <run>/probes/<task>.json, where ehrlong.predict finds it.
+
+    The meta keeps what predict needs to check it is applied as it was fit (tokenizer, context length,
+    dataset) and the held-out AUROC evaluate reported, so predictions can be checked against it."""
+    from ehrlong.evaluation.probes import save_probe
+
+    by_name = {m.name: run for m, run in zip([m for m in models if m.run_dir is not None], runs, strict=True)}
+    for (name, task), probe in probes.items():
+        run = by_name[name]
+        row = results.filter(
+            (pl.col("model") == name)
+            & (pl.col("task") == task)
+            & (pl.col("k") == -1)
+            & (pl.col("stratum") == "all")
+            & (pl.col("metric") == "auroc")
+        ).row(0, named=True)
+        meta = {
+            "task": task,
+            "config_name": run.cfg.config_name,
+            "context_length": run.context_length,
+            "tokenizer_hash": run.tokenizer_hash,
+            "dataset": str(root),
+            "evaluation": str(out),
+            "max_labels": max_labels,
+            "held_out_auroc": row["value"],
+            "held_out_n": row["n"],
+        }
+        save_probe(probe, run.run_dir / "probes" / f"{task}.json", meta)
+
+
+def _metric_key(row: dict) -> str:
+    """MLflow name of one k=all result row: eval/<task>/<metric>[/<stratum>/q<n>] (ehrlong.compare reads it)."""
+    key = f"eval/{row['task']}/{row['metric']}"
+    return key if row["stratum"] == "all" else f"{key}/{row['stratum']}/q{row['quartile']}"
+
+
 def _log_mlflow(models: list[Model], runs, results: pl.DataFrame, out: Path, files: list[Path]) -> None:
-    """Results and plots as artifacts of each run's MLflow run, headline AUROCs as metrics."""
+    """Results and plots as artifacts of each run's MLflow run; every k=all value and its CI bounds as
+    metrics (`<key>`, `<key>/ci_low`, `<key>/ci_high`, keys from _metric_key) so compare can find them."""
     import mlflow
+    from mlflow.entities import Metric
 
     from ehrlong.tracking import tracking_uri
 
@@ -371,12 +412,15 @@ def _log_mlflow(models: list[Model], runs, results: pl.DataFrame, out: Path, fil
             continue
         client = mlflow.MlflowClient(tracking_uri(run.cfg.tracking.tracking_uri, run.run_dir.parent.parent))
         run_id = id_file.read_text().strip()
-        mine = results.filter(
-            (pl.col("model") == m.name) & (pl.col("stratum") == "all") & (pl.col("k") == -1)
-        )
-        for row in mine.iter_rows(named=True):
-            if row["value"] is not None and not math.isnan(row["value"]):
-                client.log_metric(run_id, f"eval/{row['task']}/{row['metric']}", row["value"])
+        now = int(time.time() * 1000)
+        metrics = []
+        for row in results.filter((pl.col("model") == m.name) & (pl.col("k") == -1)).iter_rows(named=True):
+            key = _metric_key(row)
+            for suffix, col in (("", "value"), ("/ci_low", "ci_low"), ("/ci_high", "ci_high")):
+                if row[col] is not None and not math.isnan(row[col]):
+                    metrics.append(Metric(key + suffix, float(row[col]), now, 0))
+        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics per batch
+            client.log_batch(run_id, metrics=metrics[i : i + 1000])
         for f in files:
             client.log_artifact(run_id, str(f), artifact_path=f"evaluation/{out.name}")
 
@@ -384,24 +428,32 @@ def _log_mlflow(models: list[Model], runs, results: pl.DataFrame, out: Path, fil
 def evaluate(args: Args) -> Path:
     from ehrlong.evaluation.labels import resolve_tasks
     from ehrlong.evaluation.metrics import EvalInputError
-    from ehrlong.evaluation.probes import evaluate_probe
-    from ehrlong.evaluation.representations import label_windows, load_run, representations
+    from ehrlong.evaluation.probes import K_ALL, evaluate_probe
+    from ehrlong.evaluation.representations import (
+        data_root,
+        label_windows,
+        load_run,
+        representations,
+        store_for_run,
+    )
     from ehrlong.paths import runs_root
 
     if not args.run:
         raise ConfigError(f"give at least one run: {PROG} run=runs/<config>/<timestamp> [run=...]")
     if args.n_boot < 100:
         raise ConfigError(f"n_boot={args.n_boot}: use >= 100 resamples (1,000 for reported CIs).")
-    t0 = time.perf_counter()
+    stages = Stages(args.progress)
     ks = _ks(args.k)
     runs = [load_run(r) for r in args.run]
-    root = _data_root(args, runs)
+    root = data_root(args.data, runs)
     tasks = resolve_tasks(args.tasks, root)
     print(f"evaluating {len(runs)} run(s) on {root}: tasks {', '.join(tasks)}; k={ks}")
     if args.max_labels is not None and args.max_labels < 10:
         raise ConfigError(f"max_labels={args.max_labels}: keep at least 10 labels per task, or null for all.")
     labels, notes = _label_table(tasks, root, args.progress, args.max_labels)
+    stages.done("runs + labels")
     labels = _with_strata(labels, root)
+    stages.done("strata")
     keys = labels.select("subject_id", "prediction_time").unique(maintain_order=True)
 
     # Features per model for every distinct (subject, prediction_time); tasks share them.
@@ -410,17 +462,19 @@ def evaluate(args: Args) -> Path:
     valid = None
     stores = {}
     for run, name in zip(runs, names, strict=True):
-        store = _store_for(run, root)
+        store = store_for_run(run, root)
         reps, win = representations(run, store, keys, args.progress, args.tokens_per_batch)
         valid = win.valid if valid is None else valid & win.valid
         models.append(Model(name, run.context_length, run.cfg.backbone, reps, run.run_dir))
         stores[run.context_length] = (store, win)
+        stages.done("representations")
     if args.baseline:
         for length, (store, _) in sorted(stores.items()):
             win = label_windows(store, keys, length)
             feats = _count_features(store, win.windows)
             name = BASELINE if len(stores) == 1 else f"{BASELINE}_L{length}"
             models.append(Model(name, length, BASELINE, feats))
+        stages.done("count features")
     store = next(iter(stores.values()))[0]
     n_dropped = int((~valid).sum())
     if n_dropped:
@@ -430,8 +484,11 @@ def evaluate(args: Args) -> Path:
         )
     keys = keys.with_row_index("row").filter(pl.Series(valid))
 
-    # Probes per (model, task).
-    frames = []
+    # Probes per (model, task); the k=all probe of each run is kept for ehrlong.predict.
+    frames, probes = [], {}
+    bar = tqdm(
+        total=labels["task"].n_unique() * len(models), desc="probes", unit="fit", disable=not args.progress
+    )
     for task in labels["task"].unique(maintain_order=True):
         part = labels.filter(pl.col("task") == task).join(
             keys, on=["subject_id", "prediction_time"], how="inner"
@@ -439,15 +496,25 @@ def evaluate(args: Args) -> Path:
         sids = part["subject_id"].to_numpy()
         split = _splits(store, sids)
         for m in models:
+            bar.update(1)
             X = m.features[part["row"].to_numpy()]
+            fitted: dict = {}
             try:
                 pred = evaluate_probe(
-                    X, part["boolean_value"].to_numpy(), sids, split, ks=ks, seeds=range(args.seeds)
+                    X,
+                    part["boolean_value"].to_numpy(),
+                    sids,
+                    split,
+                    ks=ks,
+                    seeds=range(args.seeds),
+                    fitted=fitted,
                 )
             except EvalInputError as e:  # e.g. a split without positives on a small cohort: say so, go on
                 notes.append(f"{task} / {m.name}: no probe fit: {e}")
                 print(f"  {notes[-1]}")
                 continue
+            if m.run_dir is not None and (K_ALL, None) in fitted:
+                probes[(m.name, task)] = fitted[(K_ALL, None)]
             meta = part.select("subject_id", "prediction_time")[pred["label_index"].to_numpy()]
             frames.append(
                 pred.with_columns(
@@ -456,9 +523,13 @@ def evaluate(args: Args) -> Path:
             )
     if not frames:
         raise DataError("no probe could be fit for any task:\n" + "\n".join(notes))
+    bar.close()
+    stages.done("probes")
     preds = pl.concat(frames)
-    results = _bootstrap_rows(preds, labels, args.n_boot)
-    comparisons = _comparisons(preds, labels, models, args.n_boot)
+    results = _bootstrap_rows(preds, labels, args.n_boot, args.progress)
+    stages.done("bootstrap")
+    comparisons = _comparisons(preds, labels, models, args.n_boot, args.progress)
+    stages.done("comparisons")
 
     out = (
         Path(args.out) if args.out else runs_root() / "evaluations" / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -474,18 +545,20 @@ def evaluate(args: Args) -> Path:
         comparisons.write_csv(tmp / "comparisons.csv")
     summary = _summary(results, models)
     notes.append(f"{n_dropped:,} label times without any token at or before them: not evaluated")
-    seconds = time.perf_counter() - t0
-    text = f"{summary}\n\nlabels:\n" + "\n".join(f"  {n}" for n in notes) + f"\n\n{seconds:.1f} s\n"
-    (tmp / "summary.txt").write_text(text)
     plots = _plots(results, models, tmp)
+    stages.done("write + plots")
+    text = f"{summary}\n\nlabels:\n" + "\n".join(f"  {n}" for n in notes) + f"\n\ntime: {stages.describe()}\n"
+    (tmp / "summary.txt").write_text(text)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)  # all or nothing: a failed evaluation leaves no half-written results folder
     files = [out / p.name for p in plots] + [out / "results.csv", out / "summary.txt"]
     if comparisons.height:
         files.append(out / "comparisons.csv")
+    _save_probes(probes, models, runs, results, root, out, args.max_labels)
     if args.mlflow:
         _log_mlflow(models, runs, results, out, files)
+        stages.done("mlflow")
     print(f"\n{text}\nwrote {out}")
     return out
 

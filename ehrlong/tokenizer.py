@@ -308,6 +308,11 @@ class EventTokenizer:
     def vocab_size(self) -> int:
         return len(self.id_to_token)
 
+    @property
+    def first_code_id(self) -> int:
+        """Ids below this are specials, probe and time-gap tokens; ids from it on are event codes."""
+        return len(SPECIALS) + len(self.probe_ids) + len(self.gap_ids)
+
     pad_id = PAD_ID
     unk_id = UNK_ID
     bos_id = BOS_ID

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import polars as pl
 import pytest
 from test_train import CLI, SMALL, run_code, run_dirs, train
 
 COHORT = "data.synthetic.n_subjects=120"
+TASKS = ("family_history_mi", "diabetic_kidney", "lung_cancer", "acute_kidney_injury")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,8 @@ def evaluate(tmp, *args):
     return run_code(tmp, CLI.format(module="ehrlong.evaluate"), *args)
 
 
-def test_evaluate_writes_stratified_results_comparisons_plots_and_mlflow(two_runs):
+@pytest.fixture(scope="module")
+def evaluated(two_runs):
     tmp, (mamba, transformer) = two_runs
     out = tmp / "evaluation"
     proc = evaluate(
@@ -39,6 +43,11 @@ def test_evaluate_writes_stratified_results_comparisons_plots_and_mlflow(two_run
         "progress=false",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, (mamba, transformer), out
+
+
+def test_evaluate_writes_stratified_results_comparisons_plots_and_mlflow(evaluated):
+    tmp, (mamba, transformer), out = evaluated
     results = pl.read_parquet(out / "results.parquet")
     models = set(results["model"])
     assert len(models) == 4  # two runs + one count baseline per context length (128, 64)
@@ -83,11 +92,34 @@ def test_evaluate_writes_stratified_results_comparisons_plots_and_mlflow(two_run
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
     run = client.get_run((mamba / "mlflow_run_id").read_text().strip())
-    logged = {k for k in run.data.metrics if k.startswith("eval/")}
-    expected = results.filter(
-        (pl.col("model") == f"mamba_1k@{mamba.name}") & (pl.col("k") == -1) & (pl.col("stratum") == "all")
-    ).filter(pl.col("value").is_not_nan())
-    assert logged == {f"eval/{t}/{m}" for t, m in expected.select("task", "metric").iter_rows()}
+    logged = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    mine = results.filter((pl.col("model") == f"mamba_1k@{mamba.name}") & (pl.col("k") == -1))
+    overall = mine.filter((pl.col("stratum") == "all") & pl.col("value").is_not_nan())
+    for t, m, v, lo, hi in overall.select("task", "metric", "value", "ci_low", "ci_high").iter_rows():
+        assert logged[f"eval/{t}/{m}"] == pytest.approx(v)
+        assert logged[f"eval/{t}/{m}/ci_low"] == pytest.approx(lo)
+        assert logged[f"eval/{t}/{m}/ci_high"] == pytest.approx(hi)
+    quartiles = mine.filter((pl.col("stratum") != "all") & pl.col("value").is_not_nan())
+    for t, m, st, q, v in quartiles.select("task", "metric", "stratum", "quartile", "value").iter_rows():
+        assert logged[f"eval/{t}/{m}/{st}/q{q}"] == pytest.approx(v)
+    # Nothing else: no few-shot rows, no NaN values.
+    finite = mine.select(
+        pl.sum_horizontal(pl.col("value", "ci_low", "ci_high").is_not_nan().fill_null(False))
+    )
+    assert len(logged) == finite.to_series().sum()
+    # The k=all probe of every run and task is kept in the run directory for ehrlong.predict.
+    preds = pl.read_parquet(out / "predictions.parquet")
+    from ehrlong.evaluation.probes import load_probe
+
+    for t, v in overall.filter(pl.col("metric") == "auroc").select("task", "value").iter_rows():
+        probe, meta = load_probe(mamba / "probes" / f"{t}.json")
+        assert (
+            meta["task"] == t and meta["context_length"] == 128 and meta["held_out_auroc"] == pytest.approx(v)
+        )
+        fit = preds.filter(
+            (pl.col("model") == f"mamba_1k@{mamba.name}") & (pl.col("task") == t) & (pl.col("k") == -1)
+        )
+        assert probe.C == fit["C"][0]
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "evaluation/evaluation")]
     assert any(a.endswith("results.csv") for a in artifacts)
 
@@ -102,3 +134,134 @@ def test_bad_input_exits_2_and_writes_nothing(two_runs, tmp_path):
     proc = evaluate(tmp, f"run={mamba}", "k=0", f"out={out}")
     assert proc.returncode == 2 and "k=" in proc.stderr
     assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+# --- ehrlong.predict on the evaluated runs (it applies the probes evaluate saved) ---------------------
+
+
+def predict(tmp, *args):
+    return run_code(tmp, CLI.format(module="ehrlong.predict"), *args)
+
+
+def _cohort(tmp):
+    (root,) = (tmp / "data" / "synthetic").iterdir()
+    return root
+
+
+def test_predictions_follow_the_schema_flag_bad_rows_and_reproduce_evaluate(evaluated, tmp_path):
+    import pyarrow.parquet as pq
+    from sklearn.metrics import roc_auc_score
+
+    from ehrlong.evaluation.probes import load_probe
+    from ehrlong.predict import PREDICTION_SCHEMA
+
+    tmp, (mamba, _), out = evaluated
+    root = _cohort(tmp)
+    labels = pl.read_parquet(root / "labels" / "family_history_mi.parquet")
+    extra = pl.DataFrame(
+        {
+            "subject_id": [10**12, labels["subject_id"][0]],
+            "prediction_time": [labels["prediction_time"][0], None],
+        },
+        schema=labels.select("subject_id", "prediction_time").schema,
+    ).with_columns(
+        pl.col("prediction_time").fill_null(pl.datetime(1900, 1, 1)).cast(pl.Datetime("us")),
+        pl.lit(True).alias("boolean_value"),
+    )
+    asked = pl.concat([labels.select(extra.columns), extra])
+    asked.write_parquet(tmp_path / "labels.parquet")
+    target = tmp_path / "preds" / "fh.parquet"
+    proc = predict(
+        tmp,
+        f"run={mamba}",
+        "task=family_history_mi",
+        f"labels={tmp_path / 'labels.parquet'}",
+        f"out={target}",
+        "subjects_per_batch=7",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert pq.read_schema(target).remove_metadata() == PREDICTION_SCHEMA
+    got = pl.read_parquet(target)
+    assert got.height == asked.height  # nothing dropped
+    assert got.filter(pl.col("subject_id") == 10**12)["status"].to_list() == ["unknown_subject"]
+    assert got.filter(pl.col("prediction_time") == dt_1900())["status"].to_list() == ["no_history"]
+    bad = got.filter(pl.col("status").is_in(["unknown_subject", "no_history"]))
+    assert (
+        bad["predicted_boolean_probability"].is_null().all()
+        and bad["predicted_boolean_value"].is_null().all()
+    )
+    summary = json.loads(target.with_suffix(".summary.json").read_text())
+    assert summary["status_counts"]["unknown_subject"] == 1 and summary["status_counts"]["no_history"] == 1
+
+    # The held-out AUROC recomputed by scikit-learn from the file equals what evaluate reported.
+    splits = pl.read_parquet(root / "metadata" / "subject_splits.parquet")
+    held = got.join(splits, on="subject_id").filter(
+        (pl.col("split") == "held_out") & (pl.col("status") == "ok")
+    )
+    auroc = roc_auc_score(held["boolean_value"].to_numpy(), held["predicted_boolean_probability"].to_numpy())
+    _, meta = load_probe(mamba / "probes" / "family_history_mi.json")
+    results = pl.read_parquet(out / "results.parquet").filter(
+        (pl.col("model") == f"mamba_1k@{mamba.name}")
+        & (pl.col("task") == "family_history_mi")
+        & (pl.col("k") == -1)
+        & (pl.col("stratum") == "all")
+        & (pl.col("metric") == "auroc")
+    )
+    assert held.height == results["n"][0] == meta["held_out_n"]
+    assert auroc == pytest.approx(results["value"][0], abs=1e-9) == pytest.approx(meta["held_out_auroc"])
+
+
+def dt_1900():
+    import datetime as dt
+
+    return dt.datetime(1900, 1, 1)
+
+
+def test_predict_now_gives_every_held_out_subject_one_row_per_task(evaluated, tmp_path):
+    tmp, (_, transformer), _ = evaluated
+    out = tmp_path / "now"
+    proc = predict(tmp, f"run={transformer}", f"out={out}", "progress=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    splits = pl.read_parquet(_cohort(tmp) / "metadata" / "subject_splits.parquet")
+    held = set(splits.filter(pl.col("split") == "held_out")["subject_id"])
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["summary.json", *(f"{t}.parquet" for t in TASKS)])
+    for task in TASKS:
+        got = pl.read_parquet(out / f"{task}.parquet")
+        assert set(got["subject_id"]) == held and got["subject_id"].is_unique().all()
+        assert (got["status"] == "ok").all() and got["boolean_value"].is_null().all()
+        p = got["predicted_boolean_probability"]
+        assert p.is_between(0, 1).all() and (got["predicted_boolean_value"] == (p >= 0.5)).all()
+
+
+def test_predict_bad_input_exits_2_and_leaves_no_output(evaluated, tmp_path):
+    import shutil
+
+    tmp, (mamba, _), _ = evaluated
+    target = tmp_path / "p.parquet"
+    pl.DataFrame({"subject_id": [1], "time": [None]}).write_parquet(tmp_path / "bad.parquet")
+    proc = predict(
+        tmp, f"run={mamba}", "task=lung_cancer", f"labels={tmp_path / 'bad.parquet'}", f"out={target}"
+    )
+    assert proc.returncode == 2 and "prediction_time" in proc.stderr and "bad.parquet" in proc.stderr
+    proc = predict(tmp, f"run={mamba}", f"out={target}")  # one file, four tasks
+    assert proc.returncode == 2 and "task=NAME" in proc.stderr
+    bare = tmp_path / "bare"
+    shutil.copytree(mamba, bare, ignore=shutil.ignore_patterns("probes"))
+    proc = predict(tmp, f"run={bare}", f"out={target}")
+    assert proc.returncode == 2 and "ehrlong.evaluate" in proc.stderr
+    # A failure half-way (the second batch) leaves neither the output nor its .partial behind.
+    code = (
+        "import ehrlong.evaluation.representations as r\n"
+        "_embed, calls = r.embed_windows, []\n"
+        "def embed(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2: raise RuntimeError('disk full')\n"
+        "    return _embed(*a, **k)\n"
+        "r.embed_windows = embed\n" + CLI.format(module="ehrlong.predict").replace("; ", "\n")
+    )
+    proc = run_code(
+        tmp, code, f"run={mamba}", "task=lung_cancer", "split=all", "subjects_per_batch=10", f"out={target}"
+    )
+    assert proc.returncode != 0 and "disk full" in proc.stderr
+    assert not target.exists() and not target.with_name(target.name + ".partial").exists()

@@ -17,7 +17,9 @@ from ehrlong.evaluation.probes import (
     evaluate_probe,
     few_shot_subsets,
     fit_probe,
+    load_probe,
     make_pipeline,
+    save_probe,
 )
 
 
@@ -73,6 +75,30 @@ def test_probe_accepts_sparse_counts():
     counts = sp.csr_matrix(np.abs(np.round(X)))
     probe = fit_probe(counts[:100], y[:100], counts[100:], y[100:])
     assert probe.predict_proba(counts[100:]).shape == (100,)
+
+
+def test_saved_probe_predicts_exactly_as_the_fitted_one(tmp_path):
+    X, y = _problem(n=300, d=12)
+    X[:, 5] = 0.0  # a feature never seen non-zero: MaxAbsScaler must keep it at scale 1, not divide by 0
+    probe = fit_probe(X[:150], y[:150], X[150:220], y[150:220])
+    save_probe(probe, tmp_path / "probes" / "task.json", {"task": "task", "n_train": 150})
+    loaded, meta = load_probe(tmp_path / "probes" / "task.json")
+    X_new = np.random.default_rng(9).normal(size=(50, 12)) * 30  # includes values outside the train range
+    np.testing.assert_allclose(loaded.predict_proba(X_new), probe.predict_proba(X_new), rtol=1e-12)
+    np.testing.assert_allclose(loaded.predict_proba(X[220:]), probe.predict_proba(X[220:]), rtol=1e-12)
+    assert (loaded.C, loaded.tune_auroc, loaded.grid) == (probe.C, probe.tune_auroc, probe.grid)
+    assert meta == {"task": "task", "n_train": 150}
+    assert [p.name for p in (tmp_path / "probes").iterdir()] == ["task.json"]  # no temporary file left
+
+
+def test_load_probe_names_the_file_on_bad_input(tmp_path):
+    bad = tmp_path / "probe.json"
+    bad.write_text('{"format": 1, "max_abs": [1, 2], "coef": [0.5]}')
+    with pytest.raises(EvalInputError, match=r"probe\.json.*2 scales for 1 weights.*ehrlong\.evaluate"):
+        load_probe(bad)
+    bad.write_text("not json")
+    with pytest.raises(EvalInputError, match="probe.json"):
+        load_probe(bad)
 
 
 def test_probe_rejects_one_class_and_bad_input():

@@ -27,9 +27,11 @@ EHRSHOT (Wornow et al. 2023, `ehrshot/7_eval.py`, `6_generate_shots.py`) as Cont
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -63,6 +65,57 @@ class Probe:
     def predict_proba(self, X: np.ndarray | sp.spmatrix) -> np.ndarray:
         """Probability of the positive class, one per row of X."""
         return self.pipeline.predict_proba(X)[:, 1]
+
+
+PROBE_FORMAT = 1
+
+
+def save_probe(probe: Probe, path: Path, meta: dict) -> None:
+    """Write a fitted probe as JSON (scaler and weights as plain numbers, no pickle: a run directory can be
+    shared and loading it must not run code). `meta` says what it was fit on (task, run, dataset, ...).
+    Written to a temporary file and renamed, so a reader never sees half a probe."""
+    scale, lr = probe.pipeline.named_steps["scale"], probe.pipeline.named_steps["lr"]
+    doc = {
+        "format": PROBE_FORMAT,
+        "C": probe.C,
+        "tune_auroc": probe.tune_auroc,
+        "converged": probe.converged,
+        "grid": {str(c): v for c, v in probe.grid.items()},
+        "max_abs": scale.max_abs_.tolist(),
+        "coef": lr.coef_[0].tolist(),
+        "intercept": float(lr.intercept_[0]),
+        "meta": meta,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+
+
+def load_probe(path: Path) -> tuple[Probe, dict]:
+    """The Probe (predict_proba equals the saved one's) and the meta it was saved with."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        if doc.get("format") != PROBE_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}, expected {PROBE_FORMAT}")
+        max_abs, coef = np.asarray(doc["max_abs"], dtype=np.float64), np.asarray(doc["coef"], dtype=np.float64)
+        if max_abs.shape != coef.shape:
+            raise ValueError(f"{len(max_abs)} scales for {len(coef)} weights")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EvalInputError(
+            f"{path}: not a probe file written by ehrlong.evaluate ({e}). Re-run python -m ehrlong.evaluate "
+            "on the run to write it again."
+        ) from e
+    pipe = make_pipeline(doc["C"])
+    scale, lr = pipe.named_steps["scale"], pipe.named_steps["lr"]
+    # The fitted state of MaxAbsScaler and LogisticRegression is exactly these attributes.
+    scale.max_abs_, scale.scale_ = max_abs, np.where(max_abs == 0, 1.0, max_abs)
+    scale.n_features_in_ = lr.n_features_in_ = len(coef)
+    scale.n_samples_seen_ = 0
+    lr.coef_, lr.intercept_ = coef[None, :], np.array([doc["intercept"]])
+    lr.classes_, lr.n_iter_ = np.array([False, True]), np.array([0])
+    grid = {float(c): v for c, v in doc["grid"].items()}
+    return Probe(pipe, doc["C"], doc["tune_auroc"], grid, doc["converged"]), doc["meta"]
 
 
 def make_pipeline(C: float, max_iter: int = MAX_ITER) -> Pipeline:
@@ -229,6 +282,7 @@ def evaluate_probe(
     c_grid: Sequence[float] = C_GRID,
     few_shot_tuning: bool = True,
     eval_split: str = "held_out",
+    fitted: dict | None = None,
 ) -> pl.DataFrame:
     """Fit a probe per (k, seed) on train/tuning and predict every `eval_split` label.
 
@@ -239,6 +293,7 @@ def evaluate_probe(
     Returns one row per (k, seed, evaluated label): k (K_ALL = -1 for "all"), seed, label_index (row
     of X), subject_id, y_true, y_prob, C, tune_auroc, n_train, n_tune, converged. Bootstrap it per
     (k, seed), or all at once with groups = k/seed so every run shares the subject resamples.
+    `fitted`, if given, receives every fitted Probe under the key (k, seed).
     """
     y_all = check_labels(y)
     n = len(y_all)
@@ -288,6 +343,8 @@ def evaluate_probe(
             runs = [(s, train[a], tune[b]) for s, a, b in zip(seeds, tr_sets, tu_sets, strict=True)]
         for seed, tr, tu in runs:
             probe = fit_probe(X[tr], y_all[tr], X[tu], y_all[tu], c_grid)
+            if fitted is not None:
+                fitted[(kk, seed)] = probe
             frames.append(
                 pl.DataFrame(
                     {

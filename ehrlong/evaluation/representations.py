@@ -67,6 +67,38 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     return LoadedRun(run_dir, cfg, module.eval(), tokenizer, ckpt["tokenizer_hash"])
 
 
+def data_root(data: str | None, runs: list[LoadedRun]) -> Path:
+    """The MEDS root to evaluate or predict on: `data` (a dataset name such as mimic-iv-demo, or a path),
+    else the dataset the runs were trained on (they must agree)."""
+    from ehrlong.data.datasets import DATASETS, ensure_dataset
+    from ehrlong.train import resolve_data_root
+
+    if data is not None:
+        return ensure_dataset(data) if data in DATASETS else Path(data)
+    roots = {resolve_data_root(r.cfg).resolve() for r in runs}
+    if len(roots) > 1:
+        raise ConfigError(
+            f"the runs were trained on different datasets ({', '.join(map(str, sorted(roots)))}); "
+            "pass data=DIR to use one."
+        )
+    return roots.pop()
+
+
+def store_for_run(run: LoadedRun, root: Path) -> TokenStore:
+    """The token store of `root` under the run's tokenizer recipe; refuses a store whose token ids would
+    mean other codes than the run learned (a tokenizer fit on another dataset)."""
+    from ehrlong.data.store import ensure_store
+
+    store = TokenStore.open(ensure_store(root, run.cfg.data.tokenizer, progress=False))
+    if store.tokenizer.hash != run.tokenizer_hash:
+        raise ConfigError(
+            f"run {run.run_dir} was trained with another tokenizer than the one ehrlong fits on {root} "
+            f"({run.cfg.data.tokenizer} recipe): its token ids would mean other codes there. Use a run on "
+            "the dataset it was trained on (data= defaults to it)."
+        )
+    return store
+
+
 @dataclass
 class Windows:
     """One row per label: (subject index in the store, start, end) of its token window; `valid` is False
