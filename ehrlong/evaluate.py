@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -32,6 +33,9 @@ from tqdm.auto import tqdm
 
 from ehrlong.config import parse
 from ehrlong.errors import ConfigError, DataError, run_cli
+
+if TYPE_CHECKING:
+    from ehrlong.evaluation.representations import LoadedRun
 
 PROG = "python -m ehrlong.evaluate"
 STRATA = ("repetition_1", "repetition", "irregularity", "event_count")  # evaluation.strata columns
@@ -47,6 +51,9 @@ class Args:
     seeds: int = 5  # replicate draws per few-shot k (k=all is fit once)
     n_boot: int = 1000  # subject-level bootstrap resamples
     baseline: bool = True  # the count baseline beside the runs
+    # Ablation: also embed every run with these window lengths (same weights, L tokens before prediction
+    # time), as models "<run>@L<n>", so long-vs-short compares context with the model held fixed.
+    context_lengths: list[int] = field(default_factory=list)
     max_labels: int | None = None  # per task: a seeded random sample of this many labels (null = all)
     out: str | None = None  # results folder; null = <runs root>/evaluations/<timestamp>
     tokens_per_batch: int = 65_536  # representation batches (padding included)
@@ -62,7 +69,16 @@ class Model:
     context_length: int
     backbone: str
     features: object  # np.ndarray [n, d] or scipy CSR
-    run_dir: Path | None = None
+    run: LoadedRun | None = None  # None for the count baseline
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.run.run_dir if self.run is not None else None
+
+    @property
+    def own_length(self) -> bool:
+        """A run at the context length it was trained for (not a context_lengths= ablation entry)."""
+        return self.run is not None and self.context_length == self.run.context_length
 
 
 class Stages:
@@ -338,7 +354,7 @@ def _plots(results: pl.DataFrame, models: list[Model], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for m in models:
-        path = m.run_dir / "metrics.json" if m.run_dir else None
+        path = m.run_dir / "metrics.json" if m.own_length else None
         if path is None or not path.is_file():
             continue
         by_pos = json.loads(path.read_text()).get("val_loss_by_position") or {}
@@ -360,7 +376,7 @@ def _plots(results: pl.DataFrame, models: list[Model], out: Path) -> list[Path]:
 
 
 def _save_probes(
-    probes: dict, models: list[Model], runs, results: pl.DataFrame, root: Path, out: Path, max_labels
+    probes: dict, models: list[Model], results: pl.DataFrame, root: Path, out: Path, max_labels
 ) -> None:
     """Each run's k=all probe per task into <run>/probes/<task>.json, where ehrlong.predict finds it.
 
@@ -368,7 +384,7 @@ def _save_probes(
     dataset) and the held-out AUROC evaluate reported, so predictions can be checked against it."""
     from ehrlong.evaluation.probes import save_probe
 
-    by_name = {m.name: run for m, run in zip([m for m in models if m.run_dir is not None], runs, strict=True)}
+    by_name = {m.name: m.run for m in models if m.own_length}
     for (name, task), probe in probes.items():
         run = by_name[name]
         row = results.filter(
@@ -398,7 +414,7 @@ def _metric_key(row: dict) -> str:
     return key if row["stratum"] == "all" else f"{key}/{row['stratum']}/q{row['quartile']}"
 
 
-def _log_mlflow(models: list[Model], runs, results: pl.DataFrame, out: Path, files: list[Path]) -> None:
+def _log_mlflow(models: list[Model], results: pl.DataFrame, out: Path, files: list[Path]) -> None:
     """Results and plots as artifacts of each run's MLflow run; every k=all value and its CI bounds as
     metrics (`<key>`, `<key>/ci_low`, `<key>/ci_high`, keys from _metric_key) so compare can find them."""
     import mlflow
@@ -406,7 +422,8 @@ def _log_mlflow(models: list[Model], runs, results: pl.DataFrame, out: Path, fil
 
     from ehrlong.tracking import tracking_uri
 
-    for m, run in zip([m for m in models if m.run_dir is not None], runs, strict=True):
+    for m in [m for m in models if m.own_length]:
+        run = m.run
         id_file = run.run_dir / "mlflow_run_id"
         if not id_file.is_file() or not run.cfg.tracking.enabled:
             continue
@@ -448,6 +465,8 @@ def evaluate(args: Args) -> Path:
     root = data_root(args.data, runs)
     tasks = resolve_tasks(args.tasks, root)
     print(f"evaluating {len(runs)} run(s) on {root}: tasks {', '.join(tasks)}; k={ks}")
+    if any(n < 1 for n in args.context_lengths):
+        raise ConfigError(f"context_lengths={args.context_lengths}: each is a positive number of tokens.")
     if args.max_labels is not None and args.max_labels < 10:
         raise ConfigError(f"max_labels={args.max_labels}: keep at least 10 labels per task, or null for all.")
     labels, notes = _label_table(tasks, root, args.progress, args.max_labels)
@@ -463,11 +482,14 @@ def evaluate(args: Args) -> Path:
     stores = {}
     for run, name in zip(runs, names, strict=True):
         store = store_for_run(run, root)
-        reps, win = representations(run, store, keys, args.progress, args.tokens_per_batch)
-        valid = win.valid if valid is None else valid & win.valid
-        models.append(Model(name, run.context_length, run.cfg.backbone, reps, run.run_dir))
-        stores[run.context_length] = (store, win)
-        stages.done("representations")
+        extra = [n for n in args.context_lengths if n != run.context_length]
+        for length in [run.context_length, *extra]:
+            reps, win = representations(run, store, keys, args.progress, args.tokens_per_batch, length)
+            valid = win.valid if valid is None else valid & win.valid
+            label = name if length == run.context_length else f"{name}@L{length}"
+            models.append(Model(label, length, run.cfg.backbone, reps, run))
+            stores[length] = (store, win)
+            stages.done("representations")
     if args.baseline:
         for length, (store, _) in sorted(stores.items()):
             win = label_windows(store, keys, length)
@@ -513,7 +535,7 @@ def evaluate(args: Args) -> Path:
                 notes.append(f"{task} / {m.name}: no probe fit: {e}")
                 print(f"  {notes[-1]}")
                 continue
-            if m.run_dir is not None and (K_ALL, None) in fitted:
+            if m.own_length and (K_ALL, None) in fitted:
                 probes[(m.name, task)] = fitted[(K_ALL, None)]
             meta = part.select("subject_id", "prediction_time")[pred["label_index"].to_numpy()]
             frames.append(
@@ -555,9 +577,9 @@ def evaluate(args: Args) -> Path:
     files = [out / p.name for p in plots] + [out / "results.csv", out / "summary.txt"]
     if comparisons.height:
         files.append(out / "comparisons.csv")
-    _save_probes(probes, models, runs, results, root, out, args.max_labels)
+    _save_probes(probes, models, results, root, out, args.max_labels)
     if args.mlflow:
-        _log_mlflow(models, runs, results, out, files)
+        _log_mlflow(models, results, out, files)
         stages.done("mlflow")
     print(f"\n{text}\nwrote {out}")
     return out

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import mlflow
+import numpy as np
 import polars as pl
 import pytest
 from test_train import CLI, SMALL, run_code, run_dirs, train
+
+from ehrlong.errors import ConfigError
 
 COHORT = "data.synthetic.n_subjects=120"
 TASKS = ("family_history_mi", "diabetic_kidney", "lung_cancer", "acute_kidney_injury")
@@ -37,6 +40,7 @@ def evaluated(two_runs):
         f"run={mamba}",
         f"run={transformer}",
         "k=all,4",
+        "context_lengths=32",
         "seeds=2",
         "n_boot=200",
         f"out={out}",
@@ -50,8 +54,16 @@ def test_evaluate_writes_stratified_results_comparisons_plots_and_mlflow(evaluat
     tmp, (mamba, transformer), out = evaluated
     results = pl.read_parquet(out / "results.parquet")
     models = set(results["model"])
-    assert len(models) == 4  # two runs + one count baseline per context length (128, 64)
-    assert {m for m in models if m.startswith("counts")} == {"counts_L64", "counts_L128"}
+    # Two runs, each also at L=32 (context_lengths=), and one count baseline per context length.
+    assert models == {
+        f"mamba_1k@{mamba.name}",
+        f"transformer_512@{transformer.name}",
+        f"mamba_1k@{mamba.name}@L32",
+        f"transformer_512@{transformer.name}@L32",
+        "counts_L32",
+        "counts_L64",
+        "counts_L128",
+    }
     assert set(results["task"]) == {
         "family_history_mi",
         "diabetic_kidney",
@@ -82,7 +94,10 @@ def test_evaluate_writes_stratified_results_comparisons_plots_and_mlflow(evaluat
     assert joined.height > 0 and (joined["n"] <= joined["n_all"]).all()
 
     comparisons = pl.read_parquet(out / "comparisons.parquet")
-    assert set(comparisons["long"]) == {f"mamba_1k@{mamba.name}"}
+    pairs = set(comparisons.select("long", "short").unique().iter_rows())
+    assert (f"mamba_1k@{mamba.name}", f"mamba_1k@{mamba.name}@L32") in pairs  # same weights, 128 vs 32 tokens
+    assert (f"mamba_1k@{mamba.name}", f"transformer_512@{transformer.name}") in pairs  # 128 vs 64
+    assert not any(long.startswith("counts") or short.startswith("counts") for long, short in pairs)
     assert comparisons["win_rate"].drop_nans().is_between(0, 1).all()
 
     for name in ("auroc_by_quartile.png", "auroc_vs_k.png", "perplexity_by_position.png", "summary.txt"):
@@ -265,3 +280,29 @@ def test_predict_bad_input_exits_2_and_leaves_no_output(evaluated, tmp_path):
     )
     assert proc.returncode != 0 and "disk full" in proc.stderr
     assert not target.exists() and not target.with_name(target.name + ".partial").exists()
+
+
+def test_incremental_update_equals_the_from_scratch_prediction(evaluated):
+    """State after N tokens + M new tokens gives the prediction embed_windows + the probe give over N+M."""
+    from ehrlong.data.store import TokenStore, ensure_store
+    from ehrlong.evaluation.probes import load_probe
+    from ehrlong.evaluation.representations import embed_windows, load_run
+    from ehrlong.incremental import IncrementalPredictor
+
+    tmp, (mamba, transformer), _ = evaluated
+    run = load_run(mamba)
+    store = TokenStore.open(ensure_store(_cohort(tmp), run.cfg.data.tokenizer, progress=False))
+    probe, _ = load_probe(mamba / "probes" / "lung_cancer.json")
+    predictor = IncrementalPredictor(run, {"lung_cancer": probe})
+    s = int(store.offsets[3])
+    tokens = np.asarray(store.tokens[s : s + 120], dtype=np.int64)  # within the run's context (128)
+    for n in (100, 119, 5):  # m = 20, 1, 115 new tokens
+        timeline = predictor.update(predictor.start(tokens[:n]), tokens[n:])
+        assert timeline.n_tokens == 120
+        scratch = embed_windows(run.module, store, np.array([[3, s, s + 120]]), progress=False)
+        np.testing.assert_allclose(timeline.last_hidden.numpy(), scratch[0], atol=2e-5)
+        assert predictor.predict(timeline)["lung_cancer"] == pytest.approx(
+            probe.predict_proba(scratch)[0], abs=1e-5
+        )
+    with pytest.raises(ConfigError, match="backbone=mamba"):
+        IncrementalPredictor(load_run(transformer), {})

@@ -98,7 +98,10 @@ def load_probe(path: Path) -> tuple[Probe, dict]:
         doc = json.loads(Path(path).read_text())
         if doc.get("format") != PROBE_FORMAT:
             raise ValueError(f"format {doc.get('format')!r}, expected {PROBE_FORMAT}")
-        max_abs, coef = np.asarray(doc["max_abs"], dtype=np.float64), np.asarray(doc["coef"], dtype=np.float64)
+        max_abs, coef = (
+            np.asarray(doc["max_abs"], dtype=np.float64),
+            np.asarray(doc["coef"], dtype=np.float64),
+        )
         if max_abs.shape != coef.shape:
             raise ValueError(f"{len(max_abs)} scales for {len(coef)} weights")
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -175,16 +175,18 @@ def representations(
     labels: pl.DataFrame,
     progress: bool = True,
     tokens_per_batch: int = 65_536,
+    length: int | None = None,
 ) -> tuple[np.ndarray, Windows]:
-    """Representations [n_labels, d_model] of `labels` (subject_id, prediction_time) under `run`; rows of
-    labels without a window are NaN and counted in the returned Windows (never dropped silently)."""
+    """Representations [n_labels, d_model] of `labels` (subject_id, prediction_time) under `run`, over the
+    last `length` tokens (default: the run's context length); rows of labels without a window are NaN
+    and counted in the returned Windows (never dropped silently)."""
     if store.tokenizer.hash != run.tokenizer_hash:
         raise DataError(
             f"token store {store.root} was built with tokenizer {store.tokenizer.hash[:12]}, the run "
             f"{run.run_dir} with {run.tokenizer_hash[:12]}: token ids would mean different codes. Evaluate "
             "on data tokenized with the run's tokenizer.json."
         )
-    win = label_windows(store, labels, run.context_length)
+    win = label_windows(store, labels, length or run.context_length)
     reps = np.full((len(labels), run.module.backbone.d_model), np.nan, dtype=np.float32)
     if win.valid.any():
         reps[win.valid] = embed_windows(
