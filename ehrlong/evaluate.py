@@ -57,6 +57,7 @@ class Args:
     max_labels: int | None = None  # per task: a seeded random sample of this many labels (null = all)
     out: str | None = None  # results folder; null = <runs root>/evaluations/<timestamp>
     tokens_per_batch: int = 65_536  # representation batches (padding included)
+    cache: bool = True  # keep representations in <cache root>/representations (per weights, data, L, labels)
     mlflow: bool = True  # log results and plots to each run's MLflow run
     progress: bool = True
 
@@ -453,7 +454,7 @@ def evaluate(args: Args) -> Path:
         representations,
         store_for_run,
     )
-    from ehrlong.paths import runs_root
+    from ehrlong.paths import cache_root, runs_root
 
     if not args.run:
         raise ConfigError(f"give at least one run: {PROG} run=runs/<config>/<timestamp> [run=...]")
@@ -480,11 +481,14 @@ def evaluate(args: Args) -> Path:
     names = [f"{r.cfg.config_name}@{r.run_dir.name}" if len(runs) > 1 else r.cfg.config_name for r in runs]
     valid = None
     stores = {}
+    cache_dir = cache_root() / "representations" if args.cache else None
     for run, name in zip(runs, names, strict=True):
         store = store_for_run(run, root)
         extra = [n for n in args.context_lengths if n != run.context_length]
         for length in [run.context_length, *extra]:
-            reps, win = representations(run, store, keys, args.progress, args.tokens_per_batch, length)
+            reps, win = representations(
+                run, store, keys, args.progress, args.tokens_per_batch, length, cache_dir
+            )
             valid = win.valid if valid is None else valid & win.valid
             label = name if length == run.context_length else f"{name}@L{length}"
             models.append(Model(label, length, run.cfg.backbone, reps, run))

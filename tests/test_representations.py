@@ -137,3 +137,28 @@ def test_tokenizer_mismatch_is_an_error(store):
     run.tokenizer_hash = "0" * 64
     with pytest.raises(DataError, match="tokenizer"):
         representations(run, store, _labels_mid_history(store), progress=False)
+
+
+def test_cached_representations_are_reused_only_for_the_same_weights_length_and_labels(
+    store, tmp_path, monkeypatch
+):
+    import ehrlong.evaluation.representations as rep
+
+    run = _run(store, "mamba")
+    run.run_dir = tmp_path / "run"
+    run.run_dir.mkdir()
+    torch.save({"state_dict": run.module.state_dict()}, run.run_dir / "model.ckpt")
+    labels, cache = _labels_mid_history(store), tmp_path / "cache"
+    first, _ = representations(run, store, labels, progress=False, cache_dir=cache)
+    calls = []
+    embed = rep.embed_windows
+    monkeypatch.setattr(rep, "embed_windows", lambda *a, **k: calls.append(1) or embed(*a, **k))
+    again, _ = representations(run, store, labels, progress=False, cache_dir=cache)
+    assert calls == [] and np.array_equal(first, again, equal_nan=True)
+    representations(run, store, labels, progress=False, cache_dir=cache, length=L // 2)  # another window
+    representations(run, store, labels.head(5), progress=False, cache_dir=cache)  # other labels
+    assert len(calls) == 2
+    torch.save({"state_dict": run.module.state_dict(), "step": 1}, run.run_dir / "model.ckpt")  # new weights
+    representations(run, store, labels, progress=False, cache_dir=cache)
+    assert len(calls) == 3
+    assert not list(cache.glob("*partial*"))

@@ -9,6 +9,7 @@ later token and checks the vectors do not move).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,23 @@ def embed_windows(
     return out
 
 
+def _cache_key(run: LoadedRun, store: TokenStore, labels: pl.DataFrame, length: int) -> str:
+    """Changes with the weights (checkpoint size and mtime), the store, the window length and the labels."""
+    ckpt = (run.run_dir / "model.ckpt").stat()
+    keys = labels.select("subject_id", pl.col("prediction_time").cast(pl.Datetime("us")).dt.epoch("us"))
+    h = hashlib.sha1()
+    for part in (
+        str(run.run_dir.resolve()),
+        ckpt.st_size,
+        ckpt.st_mtime_ns,
+        str(Path(store.root).resolve()),
+        length,
+    ):
+        h.update(f"{part}|".encode())
+    h.update(keys.to_numpy().astype(np.int64).tobytes())
+    return h.hexdigest()[:20]
+
+
 def representations(
     run: LoadedRun,
     store: TokenStore,
@@ -176,20 +194,36 @@ def representations(
     progress: bool = True,
     tokens_per_batch: int = 65_536,
     length: int | None = None,
+    cache_dir: Path | None = None,
 ) -> tuple[np.ndarray, Windows]:
     """Representations [n_labels, d_model] of `labels` (subject_id, prediction_time) under `run`, over the
     last `length` tokens (default: the run's context length); rows of labels without a window are NaN
-    and counted in the returned Windows (never dropped silently)."""
+    and counted in the returned Windows (never dropped silently). With `cache_dir`, results are kept there
+    per (weights, store, length, labels), so re-evaluating with other k, tasks or bootstrap settings does
+    not embed again."""
     if store.tokenizer.hash != run.tokenizer_hash:
         raise DataError(
             f"token store {store.root} was built with tokenizer {store.tokenizer.hash[:12]}, the run "
             f"{run.run_dir} with {run.tokenizer_hash[:12]}: token ids would mean different codes. Evaluate "
             "on data tokenized with the run's tokenizer.json."
         )
-    win = label_windows(store, labels, length or run.context_length)
+    length = length or run.context_length
+    win = label_windows(store, labels, length)
+    path = cache_dir / f"{_cache_key(run, store, labels, length)}.npy" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        reps = np.load(path)
+        if reps.shape == (len(labels), run.module.backbone.d_model):
+            if progress:
+                print(f"  representations of {run.run_dir.name} at L={length}: cached ({path})")
+            return reps, win
     reps = np.full((len(labels), run.module.backbone.d_model), np.nan, dtype=np.float32)
     if win.valid.any():
         reps[win.valid] = embed_windows(
             run.module, store, win.windows[win.valid], tokens_per_batch=tokens_per_batch, progress=progress
         )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".partial.npy")
+        np.save(tmp, reps)
+        tmp.replace(path)
     return reps, win
