@@ -2,11 +2,17 @@
 
 Metric x context length x backbone, read back from MLflow (DESIGN.md §1 "compare"):
 
-    training runs (tags backbone, context_length, config_name, dataset; ehrlong.tracking)
-      + the k=all results ehrlong.evaluate logs into each of them:
+    training runs (tags backbone, context_length, config_name, dataset, size; ehrlong.train)
+      + the k=all results ehrlong.evaluate logs into each of them (metric=auroc|auprc|brier):
             eval/<task>/<metric>                       held-out value
             eval/<task>/<metric>/ci_low|ci_high        95% subject-level bootstrap CI
             eval/<task>/<metric>/<stratum>/q<n>[/ci_low|/ci_high]   per stratum quartile
+      + or the long-context benchmark results ehrlong.benchmark logs into them:
+            bench/<task>/effective_length              tokens (metric=effective_length); not logged
+                                                       when the run has none -> shown as "none"
+            bench/<task>/L<n>[/ci_low|/ci_high]        mean score over depths at n tokens, 95% CI
+                                                       (metric=bench_score length=n)
+            bench/<task>/L<n>/d<depth>                 per depth (not compared)
       -> one row per backbone (per config_name where several configs share a backbone and a column),
          one column per value of the `by` tag (context length by default, ascending); of the runs that
          have the metric for a compared task, the newest (start time) of each cell is kept
@@ -37,14 +43,20 @@ from ehrlong.evaluation.metrics import DEFAULT_METRICS, HIGHER_IS_BETTER
 from ehrlong.tracking import TAG_KEYS
 
 PROG = "python -m ehrlong.compare"
-METRICS = DEFAULT_METRICS  # what ehrlong.evaluate logs per task
+EVAL_METRICS = DEFAULT_METRICS  # what ehrlong.evaluate logs per task
+EFFECTIVE_LENGTH, BENCH_SCORE = "effective_length", "bench_score"
+BENCH_METRICS = (EFFECTIVE_LENGTH, BENCH_SCORE)  # read from what ehrlong.benchmark logs per task
+METRICS = (*EVAL_METRICS, *BENCH_METRICS)
 KIND_TAG = "kind"
 KIND_COMPARISON = "comparison"
 CI_BOUNDS = ("ci_low", "ci_high")
+# ehrlong.train tags every run with these; tracking.TAG_KEYS does not list `size`, train adds it.
+RUN_TAGS = (*TAG_KEYS, "size")
+SIZE_ORDER = ("tiny", "small", "base")  # config `size`, smallest first: the column order of by=size
 CSV_COLUMNS = (
     "task",
     "row",
-    *TAG_KEYS,  # backbone, context_length, config_name, dataset: the `by` tag is always one of them
+    *RUN_TAGS,  # backbone, context_length, config_name, dataset, size; a `by` tag not among them follows
     "metric",
     "value",
     "ci_low",
@@ -54,14 +66,16 @@ CSV_COLUMNS = (
     "quartile",
 )
 EVALUATE_HINT = "python -m ehrlong.evaluate run=runs/<config_name>/<timestamp>"
+BENCHMARK_HINT = "python -m ehrlong.benchmark run=runs/<config_name>/<timestamp>"
 
 
 @dataclass
 class Args:
     experiment: str = TrackingConfig.experiment  # the MLflow experiment training logs into
-    metric: str = "auroc"  # auroc | auprc | brier
+    metric: str = "auroc"  # auroc | auprc | brier (evaluate) | effective_length | bench_score (benchmark)
+    length: int | None = None  # metric=bench_score only (required there): the haystack length in tokens
     task: list[str] = field(default_factory=list)  # a,b; empty = every task some run has the metric for
-    by: str = "context_length"  # the columns' tag: backbone | context_length | config_name | dataset
+    by: str = "context_length"  # the columns' tag: backbone | context_length | config_name | dataset | size
     out: str | None = None  # output folder; null = <runs root>/comparisons/<timestamp>
     tracking_uri: str | None = None  # null = $MLFLOW_TRACKING_URI, else <runs root>/mlflow.db (sqlite)
     mlflow: bool = True  # log the comparison as its own MLflow run (tag kind=comparison)
@@ -69,14 +83,16 @@ class Args:
 
 @dataclass
 class RunResults:
-    """One MLflow run with its tags and its eval/ metrics for the chosen metric."""
+    """One MLflow run with its tags and its eval/ (or bench/) metrics for the chosen metric."""
 
     run_id: str
     run_name: str
     start_time: int  # ms since the epoch, as MLflow stores it
     tags: dict[str, str]
-    # (task, stratum, quartile) -> {"value": .., "ci_low": .., "ci_high": ..}; stratum "all", quartile None overall
-    values: dict[tuple[str, str, int | None], dict[str, float]]
+    # (task, stratum, quartile) -> {"value": .., "ci_low": .., "ci_high": ..}; stratum "all", quartile None overall.
+    # metric=effective_length: value None where the run was benchmarked on the task but has no effective length.
+    values: dict[tuple[str, str, int | None], dict[str, float | None]]
+    lengths: dict[str, list[int]] = field(default_factory=dict)  # bench metrics: task -> lengths tested
     row: str = ""  # table row label, set when rows are assigned
     column: str = ""  # value of the `by` tag
 
@@ -124,6 +140,38 @@ def parse_metric_key(key: str) -> tuple[str, str, str, int | None, str] | None:
     return None
 
 
+def parse_bench_key(key: str) -> tuple[str, str, int | None, str] | None:
+    """`bench/<task>/...` (ehrlong.benchmark) -> (task, kind, length, part):
+
+        bench/<task>/effective_length            (task, "effective_length", None, "value")
+        bench/<task>/L<n>[/ci_low|/ci_high]      (task, "score", n, "value" | "ci_low" | "ci_high")
+        bench/<task>/L<n>/d<depth>               (task, "depth", n, "value")
+
+    Any other name gives None. Task names hold no slash.
+    """
+    parts = key.split("/")
+    if len(parts) < 3 or parts[0] != "bench" or not parts[1]:
+        return None
+    task, rest = parts[1], parts[2:]
+    if rest == [EFFECTIVE_LENGTH]:
+        return task, EFFECTIVE_LENGTH, None, "value"
+    if not (rest[0][:1] == "L" and rest[0][1:].isdigit()):
+        return None
+    length = int(rest[0][1:])
+    if len(rest) == 1:
+        return task, "score", length, "value"
+    if len(rest) == 2 and rest[1] in CI_BOUNDS:
+        return task, "score", length, rest[1]
+    if len(rest) == 2 and rest[1][:1] == "d" and _number(rest[1][1:]) is not None:
+        return task, "depth", length, "value"
+    return None
+
+
+def metric_label(metric: str, length: int | None = None) -> str:
+    """The name of what is compared, in the CSV, file names and the comparison's run name: bench_score_L4096."""
+    return f"{metric}_L{length}" if metric == BENCH_SCORE else metric
+
+
 # ---------------------------------------------------------------------------------------------------
 # Reading MLflow
 # ---------------------------------------------------------------------------------------------------
@@ -165,24 +213,45 @@ def _search_all(client, experiment_id: str) -> list:
             return runs
 
 
-def _results(run, metric: str) -> tuple[RunResults, bool]:
-    """The run's values for `metric`, and whether it has any eval/ metric at all."""
-    values: dict[tuple[str, str, int | None], dict[str, float]] = defaultdict(dict)
-    any_eval = False
+def _results(run, metric: str, length: int | None = None) -> tuple[RunResults, bool]:
+    """The run's values for `metric`, and whether it has any metric of its family (eval/ or bench/) at all."""
+    values: dict[tuple[str, str, int | None], dict[str, float | None]] = defaultdict(dict)
+    lengths: dict[str, set[int]] = defaultdict(set)
+    any_of_family = False
+    bench = metric in BENCH_METRICS
     for key, v in run.data.metrics.items():
-        parsed = parse_metric_key(key)
-        if parsed is None:
+        if not bench:
+            parsed = parse_metric_key(key)
+            if parsed is None:
+                continue
+            any_of_family = True
+            task, m, stratum, quartile, part = parsed
+            if m == metric and v is not None and not math.isnan(v):
+                values[(task, stratum, quartile)][part] = float(v)
             continue
-        any_eval = True
-        task, m, stratum, quartile, part = parsed
-        if m == metric and v is not None and not math.isnan(v):
-            values[(task, stratum, quartile)][part] = float(v)
+        parsed_bench = parse_bench_key(key)
+        if parsed_bench is None:
+            continue
+        any_of_family = True
+        if v is None or math.isnan(v):
+            continue
+        task, kind, n, part = parsed_bench
+        if kind == "score" and part == "value":
+            lengths[task].add(n)
+        if (metric == EFFECTIVE_LENGTH and kind == EFFECTIVE_LENGTH) or (
+            metric == BENCH_SCORE and kind == "score" and n == length
+        ):
+            values[(task, "all", None)][part] = float(v)
+    if metric == EFFECTIVE_LENGTH:
+        # ehrlong.benchmark logs no effective_length when a task has none (shortest-length score not above
+        # chance): a task with scores but no effective length is a result, "none", not a missing cell.
+        for task in lengths:
+            values[(task, "all", None)].setdefault("value", None)
     values = {k: v for k, v in values.items() if "value" in v}  # a CI bound without its value: not a result
     info = run.info
-    return (
-        RunResults(info.run_id, info.run_name or "", int(info.start_time or 0), dict(run.data.tags), values),
-        any_eval,
-    )
+    res = RunResults(info.run_id, info.run_name or "", int(info.start_time or 0), dict(run.data.tags), values)
+    res.lengths = {t: sorted(ns) for t, ns in lengths.items()}
+    return res, any_of_family
 
 
 def _number(value: str) -> float | None:
@@ -198,49 +267,92 @@ def _natural(value: str) -> list:
 
 
 def _sorted_columns(values) -> list[str]:
-    """Ascending: numerically when every value is a number (context lengths), else naturally."""
+    """Ascending: numerically when every value is a number (context lengths), model sizes smallest first,
+    else naturally."""
     values = set(values)
     if all(_number(v) is not None for v in values):
         return sorted(values, key=lambda v: float(v))
+    if values <= set(SIZE_ORDER):
+        return sorted(values, key=SIZE_ORDER.index)
     return sorted(values, key=_natural)
 
 
-def select(client, experiment: str, metric: str, by: str, tasks: Sequence[str], uri: str = "") -> Selection:
+def _tag_columns(by: str) -> tuple[str, ...]:
+    """The tag columns of the CSV: the training tags, and the `by` tag when it is another one."""
+    return RUN_TAGS if by in RUN_TAGS else (*RUN_TAGS, by)
+
+
+def select(
+    client,
+    experiment: str,
+    metric: str,
+    by: str,
+    tasks: Sequence[str],
+    uri: str = "",
+    length: int | None = None,
+) -> Selection:
     """Find the runs to compare (see the module docstring); errors name what is missing and the fix."""
     exp = _experiment(client, experiment, uri)
     found = _search_all(client, exp.experiment_id)
+    bench = metric in BENCH_METRICS
+    family, hint = ("bench", BENCHMARK_HINT) if bench else ("eval", EVALUATE_HINT)
+    key = (
+        f"bench/<task>/{EFFECTIVE_LENGTH}"
+        if metric == EFFECTIVE_LENGTH
+        else f"bench/<task>/L{length}"
+        if bench
+        else f"eval/<task>/{metric}"
+    )
+    label = metric_label(metric, length)
     ignored: dict[str, int] = defaultdict(int)
     candidates: list[RunResults] = []
     for run in found:
         if run.data.tags.get(KIND_TAG) == KIND_COMPARISON:
             ignored["comparison run(s) (tag kind=comparison)"] += 1
             continue
-        res, any_eval = _results(run, metric)
-        if not any_eval:
-            ignored[f"run(s) without any eval metric (evaluate them: {EVALUATE_HINT})"] += 1
+        res, any_of_family = _results(run, metric, length)
+        if not any_of_family:
+            verb = "benchmark" if bench else "evaluate"
+            ignored[f"run(s) without any {family} metric ({verb} them: {hint})"] += 1
             continue
         candidates.append(res)
 
     available = sorted({t for r in candidates for (t, s, _) in r.values if s == "all"})
+    if not available and metric == BENCH_SCORE and candidates:
+        tested = sorted({n for r in candidates for ns in r.lengths.values() for n in ns})
+        raise ConfigError(
+            f"length={length}: no run in experiment {experiment!r} has a benchmark score at {length} tokens "
+            f"(bench/<task>/L{length}). Lengths benchmarked: {', '.join(map(str, tested)) or '(none)'}; "
+            f"pass one of them as length=N, or benchmark at this length: {hint} lengths={length}."
+        )
     if not available:
+        first = "Benchmark" if bench else "Evaluate"
         raise DataError(
-            f"no run in experiment {experiment!r} ({uri}) has eval/<task>/{metric} metrics: "
-            f"{len(found)} run(s) found, {sum(ignored.values())} of them without any eval metric or comparisons. "
-            f"Evaluate trained runs first: {EVALUATE_HINT} (it logs eval/<task>/{metric} into each run)."
+            f"no run in experiment {experiment!r} ({uri}) has {key} metrics: "
+            f"{len(found)} run(s) found, {sum(ignored.values())} of them without any {family} metric or "
+            f"comparisons. {first} trained runs first: {hint} (it logs {key} into each run)."
         )
     unknown = [t for t in tasks if t not in available]
     if unknown:
         raise ConfigError(
-            f"task={','.join(unknown)}: no run in experiment {experiment!r} has {metric} for "
-            f"{'it' if len(unknown) == 1 else 'them'}. Tasks with {metric}: {', '.join(available)}. "
-            f"Leave task= out to compare them all, or evaluate the task first: {EVALUATE_HINT} tasks=NAME."
+            f"task={','.join(unknown)}: no run in experiment {experiment!r} has {label} for "
+            f"{'it' if len(unknown) == 1 else 'them'}. Tasks with {label}: {', '.join(available)}. "
+            f"Leave task= out to compare them all, or {'benchmark' if bench else 'evaluate'} the task first: "
+            f"{hint} tasks=NAME."
         )
     chosen_tasks = list(dict.fromkeys(tasks)) if tasks else available
+    present = {k for r in candidates for k in r.tags if not k.startswith("mlflow.") and k != KIND_TAG}
+    if by not in present:
+        listed = [k for k in RUN_TAGS if k in present] + sorted(present - set(RUN_TAGS), key=_natural)
+        raise ConfigError(
+            f"by={by!r}: no run with {family} metrics in experiment {experiment!r} has a {by!r} tag. Tags they "
+            f"carry: {', '.join(listed) or '(none)'}; pass one of them, e.g. by=context_length (the default)."
+        )
 
     runs = []
     for r in candidates:
         if not any((t, "all", None) in r.values for t in chosen_tasks):
-            ignored[f"run(s) without {metric} for the compared task(s)"] += 1
+            ignored[f"run(s) without {label} for the compared task(s)"] += 1
         elif not r.tags.get(by):
             ignored[f"run(s) without a {by!r} tag"] += 1
         else:
@@ -248,9 +360,9 @@ def select(client, experiment: str, metric: str, by: str, tasks: Sequence[str], 
             runs.append(r)
     if not runs:
         raise DataError(
-            f"no run in experiment {experiment!r} has both {metric} for {', '.join(chosen_tasks)} and a {by!r} tag "
+            f"no run in experiment {experiment!r} has both {label} for {', '.join(chosen_tasks)} and a {by!r} tag "
             f"({'; '.join(f'{n} {why}' for why, n in ignored.items())}). Runs trained by python -m ehrlong.train "
-            f"carry the tags {', '.join(TAG_KEYS)}."
+            f"carry the tags {', '.join(RUN_TAGS)}."
         )
 
     # Rows: one per backbone. Several configs of one backbone in the same column (transformer_16k_yarn
@@ -295,8 +407,10 @@ def _stratum_order(stratum: str) -> tuple[int, str]:
     return (order.index(stratum) if stratum in order else len(order), stratum)
 
 
-def long_table(sel: Selection, metric: str) -> pl.DataFrame:
-    """Every value the comparison uses, one row per (task, run, stratum, quartile): the CSV."""
+def long_table(sel: Selection, metric: str, by: str = "context_length") -> pl.DataFrame:
+    """Every value the comparison uses, one row per (task, run, stratum, quartile): the CSV. `metric` is
+    the label (metric_label); an effective length of "none" is a row with an empty value."""
+    tags = _tag_columns(by)
     records = []
     for r in sel.runs:
         for (task, stratum, quartile), v in r.values.items():
@@ -306,7 +420,7 @@ def long_table(sel: Selection, metric: str) -> pl.DataFrame:
                 {
                     "task": task,
                     "row": r.row,
-                    **{k: r.tags.get(k) for k in TAG_KEYS},
+                    **{k: r.tags.get(k) for k in tags},
                     "metric": metric,
                     "value": v["value"],
                     "ci_low": v.get("ci_low"),
@@ -324,7 +438,8 @@ def long_table(sel: Selection, metric: str) -> pl.DataFrame:
                 }
             )
     records.sort(key=lambda d: d.pop("_order"))
-    schema = {c: pl.String for c in CSV_COLUMNS} | {
+    columns = (*CSV_COLUMNS[:2], *tags, *CSV_COLUMNS[2 + len(RUN_TAGS) :])
+    schema = {c: pl.String for c in columns} | {
         "value": pl.Float64,
         "ci_low": pl.Float64,
         "ci_high": pl.Float64,
@@ -334,29 +449,50 @@ def long_table(sel: Selection, metric: str) -> pl.DataFrame:
 
 
 def cell(value: float | None, lo: float | None, hi: float | None, metric: str) -> str:
-    """0.812 [0.74, 0.88]; a Brier score keeps three decimals in its CI too (values near 0.07)."""
+    """0.812 [0.74, 0.88]; a Brier score keeps three decimals in its CI too (values near 0.07); an effective
+    length in whole tokens, 16384 (render prints "none" where a run has none)."""
     if value is None:
         return "-"
+    if metric == EFFECTIVE_LENGTH:
+        return f"{value:.0f}"
     digits = 3 if metric == "brier" else 2
     if lo is None or hi is None:
         return f"{value:.3f}"
     return f"{value:.3f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def render(sel: Selection, metric: str, by: str, experiment: str, uri: str) -> str:
+def _heading(metric: str, length: int | None, by: str) -> str:
+    if metric == EFFECTIVE_LENGTH:
+        return (
+            f"effective context length in tokens (ehrlong.benchmark, RULER's rule: the longest tested length up "
+            "to which the mean score stays >= 85.6% of the run's own score at its shortest tested length; "
+            f"higher is better); columns: {by}; none: benchmarked, but no effective length (the score at the "
+            "shortest length is not above chance); -: no run, or the cell's newest run has no benchmark "
+            "result for the task"
+        )
+    if metric == BENCH_SCORE:
+        return (
+            f"benchmark score at {length} tokens, mean over depths [95% CI] (ehrlong.benchmark; each task's "
+            "own score: accuracy or recall for retrieval, nats for copy_forward and likelihood; higher is "
+            f"better); columns: {by}; -: no run, or the cell's newest run has no score at {length} for the task"
+        )
+    better = "higher" if HIGHER_IS_BETTER.get(metric, True) else "lower"
+    return (
+        f"held-out {metric.upper()} [95% CI], k=all probes ({better} is better); columns: {by}; "
+        "-: no run, or the cell's newest run has no value for the task"
+    )
+
+
+def render(sel: Selection, metric: str, by: str, experiment: str, uri: str, length: int | None = None) -> str:
     lines = [
         f"experiment {experiment!r} ({uri}): {sel.n_found} run(s), {len(sel.runs)} compared "
         f"(the newest run per row and {by})"
     ]
     for reason, n in sel.ignored.items():
         lines.append(f"  ignored {n} {reason}")
-    better = "higher" if HIGHER_IS_BETTER.get(metric, True) else "lower"
-    lines.append(
-        f"\nheld-out {metric.upper()} [95% CI], k=all probes ({better} is better); columns: {by}; "
-        "-: no run, or the cell's newest run has no value for the task"
-    )
+    lines.append("\n" + _heading(metric, length, by))
     by_cell = {(r.row, r.column): r for r in sel.runs}
-    width = max(19, *(len(c) for c in sel.columns))
+    width = max(19 if metric != EFFECTIVE_LENGTH else 8, *(len(c) for c in sel.columns))
     row_w = max(12, *(len(r) for r in sel.rows))
     for task in sel.tasks:
         lines.append(f"\n{task}")
@@ -365,9 +501,28 @@ def render(sel: Selection, metric: str, by: str, experiment: str, uri: str) -> s
             cells = []
             for col in sel.columns:
                 r = by_cell.get((row, col))
-                v = r.values.get((task, "all", None), {}) if r else {}
-                cells.append(cell(v.get("value"), v.get("ci_low"), v.get("ci_high"), metric))
+                v = r.values.get((task, "all", None)) if r else None
+                if v is None:
+                    cells.append("-")
+                elif v["value"] is None:
+                    cells.append("none")  # benchmarked on the task, no effective length logged
+                else:
+                    cells.append(cell(v["value"], v.get("ci_low"), v.get("ci_high"), metric))
             lines.append(f"{row:{row_w}s}  " + "  ".join(f"{c:>{width}s}" for c in cells))
+        if metric == EFFECTIVE_LENGTH:
+            # The rule is relative to the shortest tested length: effective lengths compare over the same lengths.
+            tested = {
+                (r.row, r.column): tuple(r.lengths.get(task, ()))
+                for r in sel.runs
+                if (task, "all", None) in r.values
+            }
+            if len(set(tested.values())) == 1:
+                lines.append(f"lengths tested: {', '.join(map(str, next(iter(tested.values()))))}")
+            else:
+                lines.append("lengths tested differ between runs (an effective length depends on them):")
+                lines += [
+                    f"  {row}, {by}={col}: {', '.join(map(str, ns))}" for (row, col), ns in tested.items()
+                ]
     lines.append("\nruns compared:")
     for r in sel.runs:
         started = datetime.fromtimestamp(r.start_time / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -390,15 +545,19 @@ def _grid(n: int, cols: int = 4) -> tuple[int, int]:
     return math.ceil(n / min(n, cols)), min(n, cols)
 
 
-def plot_overall(table: pl.DataFrame, sel: Selection, metric: str, by: str, path: Path) -> Path:
-    """Metric vs the `by` tag (log2 x for context lengths), one line per row, one panel per task."""
+def plot_overall(
+    table: pl.DataFrame, sel: Selection, metric: str, by: str, path: Path, length: int | None = None
+) -> Path:
+    """Metric vs the `by` tag (log2 x for context lengths), one line per row, one panel per task. Effective
+    lengths: log2 y, no CI, a run without one ("none") is not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     xs, log2 = _x_positions(sel.columns, by)
-    overall = table.filter(pl.col("stratum") == "all")
+    overall = table.filter((pl.col("stratum") == "all") & pl.col("value").is_not_null())
     nr, nc = _grid(len(sel.tasks))
     fig, axes = plt.subplots(nr, nc, figsize=(3.6 * nc, 3.0 * nr + 0.6), squeeze=False)
     colors = plt.get_cmap("tab10")
@@ -427,9 +586,16 @@ def plot_overall(table: pl.DataFrame, sel: Selection, metric: str, by: str, path
         ax.set_title(task, fontsize=9)
         ax.set_xlabel(by, fontsize=8)
         ax.grid(alpha=0.3)
+        if metric == EFFECTIVE_LENGTH and _all_positive(overall, task):
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))  # 16384, not 2^14
     for k in range(len(sel.tasks), nr * nc):
         axes[k // nc][k % nc].axis("off")
-    axes[0][0].set_ylabel(f"held-out {metric.upper()} (95% CI)")
+    ylabel = {
+        EFFECTIVE_LENGTH: "effective length (tokens)",
+        BENCH_SCORE: f"score at {length} tokens (95% CI)",
+    }.get(metric, f"held-out {metric.upper()} (95% CI)")
+    axes[0][0].set_ylabel(ylabel)
     handles, labels = axes[0][0].get_legend_handles_labels()
     for ax in axes.flat:  # the first panel may miss a row: gather every row's handle once
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -442,6 +608,11 @@ def plot_overall(table: pl.DataFrame, sel: Selection, metric: str, by: str, path
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _all_positive(table: pl.DataFrame, task: str) -> bool:
+    values = table.filter(pl.col("task") == task)["value"]
+    return values.len() > 0 and bool((values > 0).all())
 
 
 def plot_strata(table: pl.DataFrame, sel: Selection, metric: str, by: str, path: Path) -> Path | None:
@@ -530,13 +701,23 @@ def plot_strata(table: pl.DataFrame, sel: Selection, metric: str, by: str, path:
 def _check_args(args: Args) -> None:
     if args.metric not in METRICS:
         raise ConfigError(
-            f"metric={args.metric!r}: ehrlong.evaluate logs {', '.join(METRICS)}; pass one of them, e.g. metric=auroc."
+            f"metric={args.metric!r}: pass one of {', '.join(EVAL_METRICS)} (held-out results ehrlong.evaluate "
+            f"logs) or {EFFECTIVE_LENGTH}, {BENCH_SCORE} (long-context results ehrlong.benchmark logs; "
+            f"{BENCH_SCORE} with length=N), e.g. metric=auroc."
         )
-    if args.by not in TAG_KEYS:
+    if args.metric == BENCH_SCORE and args.length is None:
         raise ConfigError(
-            f"by={args.by!r}: the columns come from a tag every training run carries: {', '.join(TAG_KEYS)}; "
-            "e.g. by=context_length (the default)."
+            f"metric={BENCH_SCORE} needs length=N: the haystack length in tokens whose score to compare "
+            f"(bench/<task>/L<N>, one of the lengths= given to ehrlong.benchmark), e.g. length=4096."
         )
+    if args.length is not None and args.metric != BENCH_SCORE:
+        raise ConfigError(
+            f"length={args.length}: only metric={BENCH_SCORE} takes a length (metric={args.metric!r} has one "
+            "value per task); leave length= out, or pass metric=bench_score."
+        )
+    if args.length is not None and args.length <= 0:
+        raise ConfigError(f"length={args.length}: a haystack length in tokens is positive, e.g. length=4096.")
+    # by= is checked against the tags the runs carry (select): training adds tags over time (size).
     bad = [t for t in args.task if not t or "/" in t]
     if bad:
         raise ConfigError(
@@ -571,9 +752,10 @@ def compare(args: Args) -> Comparison:
     _check_args(args)
     uri = tracking_uri(args.tracking_uri, runs_root())
     client = _client(uri)
-    sel = select(client, args.experiment, args.metric, args.by, args.task, uri)
-    table = long_table(sel, args.metric)
-    text = render(sel, args.metric, args.by, args.experiment, uri)
+    sel = select(client, args.experiment, args.metric, args.by, args.task, uri, args.length)
+    label = metric_label(args.metric, args.length)
+    table = long_table(sel, label, args.by)
+    text = render(sel, args.metric, args.by, args.experiment, uri, args.length)
 
     out = _out_dir(args)
     tmp = out.with_name(out.name + ".partial")
@@ -581,9 +763,14 @@ def compare(args: Args) -> Comparison:
     tmp.mkdir(parents=True)
     try:
         table.write_csv(tmp / "comparison.csv")
-        plots = [plot_overall(table, sel, args.metric, args.by, tmp / f"{args.metric}_vs_{args.by}.png")]
-        strata = plot_strata(table, sel, args.metric, args.by, tmp / f"{args.metric}_by_quartile.png")
-        if strata is None:
+        plots = [
+            plot_overall(table, sel, args.metric, args.by, tmp / f"{label}_vs_{args.by}.png", args.length)
+        ]
+        if args.metric in BENCH_METRICS:
+            text += "\n\nbenchmark metrics have no stratum quartiles: no stratified plot"
+        elif (
+            strata := plot_strata(table, sel, args.metric, args.by, tmp / f"{args.metric}_by_quartile.png")
+        ) is None:
             text += "\n\nno stratum quartile metrics logged: no stratified plot (re-run ehrlong.evaluate)"
         else:
             plots.append(strata)
@@ -609,7 +796,7 @@ def _log_run(client, sel: Selection, args: Args, files: list[Path]) -> str:
     exp = client.get_experiment_by_name(args.experiment)
     run = client.create_run(
         exp.experiment_id,
-        run_name=f"compare-{args.metric}",
+        run_name=f"compare-{metric_label(args.metric, args.length)}",
         tags={KIND_TAG: KIND_COMPARISON, "metric": args.metric, "by": args.by},
     )
     run_id = run.info.run_id
@@ -620,6 +807,8 @@ def _log_run(client, sel: Selection, args: Args, files: list[Path]) -> str:
             "tasks": ",".join(sel.tasks)[:6000],  # MLflow's param value limit
             "n_runs": str(len(sel.runs)),
         }
+        if args.length is not None:
+            params["length"] = str(args.length)
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
         for f in files:
             client.log_artifact(run_id, str(f))

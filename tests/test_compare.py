@@ -12,6 +12,10 @@ writes to it. Fake runs carry the training tags and the eval/ metric names ehrlo
     mamba_8k                 mamba        8,192   no eval metric      <- ignored, counted
     compare-auroc            kind=comparison, eval metric 0.99        <- never an input
     (experiment "other": one evaluated run that must not leak in; "empty": one run, no eval metric)
+
+Runs carry a `size` tag (tiny/small), except the old transformer_4k run (trained before the tag existed).
+Benchmark results (bench/ names ehrlong.benchmark logs) are in BENCH: the 16k_yarn run has none, mamba_8k
+(never evaluated) has some, and mamba_4k's likelihood has no effective length ("none").
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import polars as pl
 import pytest
 from mlflow.entities import Metric
 
-from ehrlong.compare import CSV_COLUMNS, Args, compare, main, parse_metric_key
+from ehrlong.compare import CSV_COLUMNS, PROG, Args, compare, main, parse_bench_key, parse_metric_key
+from ehrlong.config import parse
 from ehrlong.errors import ConfigError, DataError, run_cli
 from ehrlong.evaluate import STRATA
 
@@ -40,6 +45,17 @@ RUNS = {
     "transformer_4k": ("transformer", 4096, {T1: 0.72}, 10, True),
     "transformer_16k_yarn": ("transformer", 16384, {T1: 0.74, T2: 0.61}, 4, True),
     "transformer_16k_sliding": ("transformer", 16384, {T1: 0.76, T2: 0.63}, 5, False),
+}
+SIZES = {"mamba_4k": "tiny", "mamba_16k": "small", "transformer_4k": "tiny", "mamba_8k": "tiny"}  # else small
+NS, LK = "needle_single", "likelihood"
+# config -> {task: ({length: mean score}, effective length or None = not logged)}
+BENCH = {
+    "mamba_4k": {NS: ({1024: 0.90, 4096: 0.80}, 4096), LK: ({1024: 0.30, 4096: 0.20}, None)},
+    "mamba_16k": {NS: ({1024: 0.95, 4096: 0.91, 16384: 0.70}, 4096), LK: ({1024: 0.5, 4096: 0.45}, 16384)},
+    "transformer_4k@old": {NS: ({1024: 0.111, 4096: 0.111}, 2048)},
+    "transformer_4k": {NS: ({1024: 0.88, 4096: 0.60}, 1024)},
+    "transformer_16k_sliding": {NS: ({1024: 0.93, 16384: 0.85}, 16384)},
+    "no_eval": {NS: ({1024: 0.92, 4096: 0.90, 8192: 0.86}, 8192)},
 }
 EXPECTED_CELLS = {  # (row, context_length) -> the config whose run fills the cell
     ("mamba", "4096"): "mamba_4k",
@@ -63,6 +79,20 @@ def metric_values(auroc: dict[str, float], strata: bool) -> dict[str, float]:
                     qv = v - 0.01 * q - 0.001 * s
                     k = f"{key}/{stratum}/q{q}"
                     out |= {k: qv, f"{k}/ci_low": qv - 0.1, f"{k}/ci_high": qv + 0.1}
+    return out
+
+
+def bench_values(results: dict) -> dict[str, float]:
+    """bench/<task>/L<n> with CI [v - 0.05, v + 0.04], per depth v + 0.013 (never compared), and
+    bench/<task>/effective_length when there is one."""
+    out = {}
+    for task, (scores, effective) in results.items():
+        for n, v in scores.items():
+            k = f"bench/{task}/L{n}"
+            out |= {k: v, f"{k}/ci_low": v - 0.05, f"{k}/ci_high": v + 0.04}
+            out |= {f"{k}/d0": v + 0.013, f"{k}/d0.5": v + 0.013}
+        if effective is not None:
+            out[f"bench/{task}/effective_length"] = float(effective)
     return out
 
 
@@ -92,11 +122,16 @@ def template(tmp_path_factory):
             "config_name": config,
             "dataset": "synth",
         }
-        ids[name] = log_run(client, exp, name, tags, metric_values(auroc, strata), start)
+        if name != "transformer_4k@old":
+            tags["size"] = SIZES.get(config, "small")
+        metrics = metric_values(auroc, strata) | bench_values(BENCH.get(name, {}))
+        ids[name] = log_run(client, exp, name, tags, metrics, start)
     tags = {"backbone": "mamba", "context_length": "8192", "config_name": "mamba_8k", "dataset": "synth"}
-    ids["no_eval"] = log_run(client, exp, "mamba_8k", tags, {"val_loss": 5.0}, 6)
+    metrics = {"val_loss": 5.0} | bench_values(BENCH["no_eval"])
+    ids["no_eval"] = log_run(client, exp, "mamba_8k", {**tags, "size": "tiny"}, metrics, 6)
     poison = {"kind": "comparison", "backbone": "mamba", "context_length": "4096", "config_name": "mamba_4k"}
-    ids["comparison"] = log_run(client, exp, "compare-auroc", poison, {f"eval/{T1}/auroc": 0.99}, 100)
+    metrics = {f"eval/{T1}/auroc": 0.99, f"bench/{NS}/effective_length": 99999.0, f"bench/{NS}/L4096": 0.999}
+    ids["comparison"] = log_run(client, exp, "compare-auroc", poison, metrics, 100)
     other = client.create_experiment("other", artifact_location=art)
     log_run(client, other, "x", {**tags, "context_length": "4096"}, {f"eval/{T1}/auroc": 0.11}, 200)
     empty = client.create_experiment("empty", artifact_location=art)
@@ -286,6 +321,135 @@ def test_task_filter_other_metric_and_by_tag(store, tmp_path):
     assert by_cell[("transformer", "transformer_4k")] == ids["transformer_4k"]
 
 
+def test_by_size_tag(store, tmp_path):
+    uri, ids = store
+    res = compare(Args(tracking_uri=uri, by="size", task=[T1], out=str(tmp_path / "s"), mlflow=False))
+    sel = res.selection
+    assert sel.columns == ["tiny", "small"]  # model size order, not alphabetical
+    # yarn and sliding are both small transformers: a row each; the old run has no size tag.
+    assert sel.rows == ["mamba", "transformer", "transformer_16k_sliding", "transformer_16k_yarn"]
+    assert {(r.row, r.column): r.run_id for r in sel.runs} == {
+        ("mamba", "tiny"): ids["mamba_4k"],
+        ("mamba", "small"): ids["mamba_16k"],
+        ("transformer", "tiny"): ids["transformer_4k"],
+        ("transformer_16k_sliding", "small"): ids["transformer_16k_sliding"],
+        ("transformer_16k_yarn", "small"): ids["transformer_16k_yarn"],
+    }
+    assert sel.ignored["run(s) without a 'size' tag"] == 1
+    rows = table_lines(res.text, T1)
+    assert rows["mamba"] == ["0.700 [0.65, 0.74]", "0.800 [0.75, 0.84]"]
+    assert rows["transformer"] == ["0.720 [0.67, 0.76]", "-"]
+    csv = pl.read_csv(res.out / "comparison.csv")
+    overall = csv.filter(pl.col("stratum") == "all")
+    assert dict(zip(overall["config_name"], overall["size"], strict=True)) == {
+        "mamba_4k": "tiny",
+        "mamba_16k": "small",
+        "transformer_4k": "tiny",
+        "transformer_16k_yarn": "small",
+        "transformer_16k_sliding": "small",
+    }
+    assert (res.out / "auroc_vs_size.png").is_file() and (res.out / "auroc_by_quartile.png").is_file()
+
+
+def test_bench_key_contract():
+    assert parse_bench_key(f"bench/{NS}/effective_length") == (NS, "effective_length", None, "value")
+    assert parse_bench_key(f"bench/{NS}/L4096") == (NS, "score", 4096, "value")
+    assert parse_bench_key(f"bench/{NS}/L4096/ci_low") == (NS, "score", 4096, "ci_low")
+    assert parse_bench_key(f"bench/{NS}/L4096/d0.25") == (NS, "depth", 4096, "value")
+    for other in (
+        f"eval/{NS}/auroc",
+        "bench/x",
+        f"bench/{NS}/Lx",
+        f"bench/{NS}/L4096/q1",
+        f"bench/{NS}/L4/d0/x",
+    ):
+        assert parse_bench_key(other) is None
+
+
+def test_effective_length_table(store, tmp_path):
+    uri, ids = store
+    res = compare(Args(tracking_uri=uri, metric="effective_length", out=str(tmp_path / "e")))
+    sel = res.selection
+    assert sel.tasks == [LK, NS]
+    assert sel.columns == ["4096", "8192", "16384"]
+    # yarn has no bench metric, so sliding is the only transformer at 16,384: no split row.
+    assert sel.rows == ["mamba", "transformer"]
+    assert {(r.row, r.column): r.run_id for r in sel.runs} == {
+        ("mamba", "4096"): ids["mamba_4k"],
+        ("mamba", "8192"): ids["no_eval"],  # never evaluated, but benchmarked
+        ("mamba", "16384"): ids["mamba_16k"],
+        ("transformer", "4096"): ids["transformer_4k"],
+        ("transformer", "16384"): ids["transformer_16k_sliding"],
+    }
+    assert sel.ignored == {
+        "comparison run(s) (tag kind=comparison)": 1,
+        "run(s) without any bench metric (benchmark them: python -m ehrlong.benchmark run=runs/<config_name>/<timestamp>)": 1,
+        "older run(s) of a config and context_length (the newest run of each is kept)": 1,
+    }
+    ns = table_lines(res.text, NS)
+    assert ns["mamba"] == ["4096", "8192", "4096"]
+    assert ns["transformer"] == ["1024", "-", "16384"]  # the newer run's 1024, not the old 2048
+    lk = table_lines(res.text, LK)
+    assert lk["mamba"] == ["none", "-", "16384"]  # benchmarked without an effective length; not benchmarked
+    assert lk["transformer"] == ["-", "-", "-"]
+    assert (
+        "lengths tested differ between runs" in res.text
+        and "transformer, context_length=16384: 1024, 16384" in res.text
+    )
+    assert "99999" not in res.text and "2048" not in res.text and "no stratified plot" in res.text
+
+    csv = pl.read_csv(res.out / "comparison.csv")
+    assert set(csv["metric"]) == {"effective_length"} and set(csv["stratum"]) == {"all"}
+    assert csv["ci_low"].is_null().all()
+    got = {(t, c): v for t, c, v in csv.select("task", "config_name", "value").iter_rows()}
+    assert got == {
+        (LK, "mamba_4k"): None,
+        (NS, "mamba_4k"): 4096,
+        (NS, "mamba_8k"): 8192,
+        (NS, "transformer_4k"): 1024,
+        (LK, "mamba_16k"): 16384,
+        (NS, "mamba_16k"): 4096,
+        (NS, "transformer_16k_sliding"): 16384,
+    }
+    assert sorted(p.name for p in res.out.iterdir()) == [
+        "comparison.csv",
+        "effective_length_vs_context_length.png",
+        "summary.txt",
+    ]
+    img = matplotlib.image.imread(res.out / "effective_length_vs_context_length.png")[..., :3]
+    assert 0.01 < (img < 0.9).any(axis=-1).mean() < 0.6
+    run = mlflow.MlflowClient(uri).get_run(res.run_id)
+    assert run.info.run_name == "compare-effective_length" and run.data.tags["kind"] == "comparison"
+
+
+def test_bench_score_at_one_length(store, tmp_path):
+    uri, ids = store
+    args = parse(
+        Args, [f"tracking_uri={uri}", "metric=bench_score", "length=4096", "mlflow=false"], prog=PROG
+    )
+    args.out = str(tmp_path / "s")
+    res = compare(args)
+    sel = res.selection
+    assert sel.columns == ["4096", "8192", "16384"] and sel.tasks == [LK, NS]
+    # sliding was benchmarked at 1,024 and 16,384 only.
+    assert ids["transformer_16k_sliding"] not in {r.run_id for r in sel.runs}
+    assert sel.ignored["run(s) without bench_score_L4096 for the compared task(s)"] == 1
+    ns = table_lines(res.text, NS)
+    assert ns["mamba"] == ["0.800 [0.75, 0.84]", "0.900 [0.85, 0.94]", "0.910 [0.86, 0.95]"]
+    assert ns["transformer"] == ["0.600 [0.55, 0.64]", "-", "-"]
+    assert table_lines(res.text, LK)["mamba"] == ["0.200 [0.15, 0.24]", "-", "0.450 [0.40, 0.49]"]
+    assert (
+        "0.813" not in res.text and "0.999" not in res.text and "0.111" not in res.text
+    )  # depth, poison, old
+    assert "score at 4096 tokens" in res.text
+    csv = pl.read_csv(res.out / "comparison.csv")
+    assert set(csv["metric"]) == {"bench_score_L4096"}
+    row = csv.filter((pl.col("task") == NS) & (pl.col("config_name") == "mamba_8k"))
+    assert row.select("value", "ci_low", "ci_high").row(0) == pytest.approx((0.90, 0.85, 0.94))
+    assert (res.out / "bench_score_L4096_vs_context_length.png").is_file()
+    assert not (res.out / "bench_score_by_quartile.png").exists()
+
+
 def test_defaults_read_the_local_store_and_write_under_runs(store, tmp_path, capsys):
     uri, _ = store
     with pytest.raises(SystemExit) as e:
@@ -310,8 +474,18 @@ def test_mlflow_tracking_uri_is_honoured(store, tmp_path, monkeypatch):
     [
         (dict(experiment="nope"), ConfigError, ["'nope'", "ehrlong", "other", "empty"]),
         (dict(experiment="empty"), DataError, ["'empty'", "python -m ehrlong.evaluate run="]),
-        (dict(metric="accuracy"), ConfigError, ["'accuracy'", "auroc", "auprc", "brier"]),
-        (dict(by="size"), ConfigError, ["'size'", "backbone", "context_length", "config_name", "dataset"]),
+        (dict(metric="accuracy"), ConfigError, ["'accuracy'", "auroc", "auprc", "brier", "effective_length"]),
+        (dict(by="sizes"), ConfigError, ["'sizes'", "backbone, context_length, config_name, dataset, size"]),
+        (dict(metric="accuracy"), ConfigError, ["bench_score with length=N"]),
+        (dict(metric="bench_score"), ConfigError, ["bench_score needs length=N"]),
+        (dict(metric="auroc", length=4096), ConfigError, ["length=4096", "only metric=bench_score"]),
+        (dict(metric="bench_score", length=2048), ConfigError, ["length=2048", "1024, 4096, 8192, 16384"]),
+        (dict(metric="effective_length", task=[T1]), ConfigError, [T1, "likelihood, needle_single"]),
+        (
+            dict(experiment="empty", metric="effective_length"),
+            DataError,
+            ["python -m ehrlong.benchmark run="],
+        ),
         (dict(task=["sepsis"]), ConfigError, ["sepsis", T1, T2]),
     ],
 )
