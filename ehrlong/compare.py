@@ -50,8 +50,7 @@ METRICS = (*EVAL_METRICS, *BENCH_METRICS)
 KIND_TAG = "kind"
 KIND_COMPARISON = "comparison"
 CI_BOUNDS = ("ci_low", "ci_high")
-# ehrlong.train tags every run with these; tracking.TAG_KEYS does not list `size`, train adds it.
-RUN_TAGS = (*TAG_KEYS, "size")
+RUN_TAGS = TAG_KEYS  # ehrlong.train tags every run with these
 SIZE_ORDER = ("tiny", "small", "base")  # config `size`, smallest first: the column order of by=size
 CSV_COLUMNS = (
     "task",

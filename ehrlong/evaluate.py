@@ -56,7 +56,7 @@ class Args:
     context_lengths: list[int] = field(default_factory=list)
     max_labels: int | None = None  # per task: a seeded random sample of this many labels (null = all)
     out: str | None = None  # results folder; null = <runs root>/evaluations/<timestamp>
-    tokens_per_batch: int = 65_536  # representation batches (padding included)
+    tokens_per_batch: int | None = None  # forward batches incl. padding; null = 4,096 on CPU, 65,536 on GPU
     cache: bool = True  # keep representations in <cache root>/representations (per weights, data, L, labels)
     mlflow: bool = True  # log results and plots to each run's MLflow run
     progress: bool = True

@@ -66,7 +66,7 @@ class Args:
     out: str | None = None  # FILE.parquet (one task) or a folder; null = <run>/predictions/<timestamp>/
     threshold: float = 0.5  # predicted_boolean_value = probability >= threshold
     subjects_per_batch: int = 256  # subjects whose windows are embedded and written together
-    tokens_per_batch: int = 65_536  # forward-pass batches (padding included)
+    tokens_per_batch: int | None = None  # forward batches incl. padding; null = 4,096 on CPU, 65,536 on GPU
     progress: bool = True
 
 

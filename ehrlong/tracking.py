@@ -1,6 +1,6 @@
 """MLflow: a local store inside the runs folder by default, any server via MLFLOW_TRACKING_URI.
 
-Every run is findable by the tags `backbone`, `context_length`, `config_name` and `dataset`, and carries
+Every run is findable by the tags `backbone`, `context_length`, `config_name`, `dataset` and `size`, and carries
 the flattened resolved config as params (DESIGN.md §3 "Run directory").
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
 
-TAG_KEYS = ("backbone", "context_length", "config_name", "dataset")
+TAG_KEYS = ("backbone", "context_length", "config_name", "dataset", "size")  # train.py sets each
 
 
 def tracking_uri(explicit: str | None, runs_root: Path) -> str:

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from ehrlong.config import TrainConfig, parse
+from ehrlong.tracking import TAG_KEYS
 
 SMALL = [
     "data.synthetic.n_subjects=40",
@@ -112,7 +113,9 @@ def test_run_directory_is_self_describing_and_tracked(tmp_path):
     assert run.data.tags["backbone"] == "mamba"
     assert run.data.tags["context_length"] == "128"
     assert run.data.tags["config_name"] == "mamba_1k"
-    assert run.data.tags["dataset"].startswith("ehrlong-synthetic") or run.data.tags["dataset"]
+    assert run.data.tags["dataset"].startswith("ehrlong-synthetic")
+    assert run.data.tags["size"] == "tiny"
+    assert set(TAG_KEYS) <= set(run.data.tags)  # what compare and the MLflow UI search by
     assert run.data.params["optim.lr"] == str(expected.optim.lr)
     assert "val/loss" in run.data.metrics and "val/unigram_loss" in run.data.metrics
 

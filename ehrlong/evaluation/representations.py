@@ -30,6 +30,16 @@ from ehrlong.tokenizer import EventTokenizer
 EPOCH = np.datetime64("1970-01-01T00:00:00", "us")
 
 
+def default_tokens_per_batch(device: torch.device | str) -> int:
+    """Forward-pass batch size (tokens, padding included) for frozen representations.
+
+    Small on CPU: activations of a large batch exceed glibc's 32 MB mmap ceiling, so every op maps fresh
+    pages and pays a page fault per 4 KB; embedding 64 MIMIC-IV windows of 1,024 tokens with tiny Mamba
+    on one thread took 49.6 s at 65,536 tokens per batch (61% system time) and 17-21 s at 1,024-4,096.
+    Large on an accelerator, where the batch is what fills it."""
+    return 4096 if torch.device(device).type == "cpu" else 65_536
+
+
 @dataclass
 class LoadedRun:
     run_dir: Path
@@ -142,7 +152,7 @@ def embed_windows(
     module: EHRLitModule,
     store: TokenStore,
     windows: np.ndarray,
-    tokens_per_batch: int = 65_536,
+    tokens_per_batch: int | None = None,
     progress: bool = True,
 ) -> np.ndarray:
     """Last-token hidden state [n, d_model] (float32) of each (subject, start, end) window (end > start)."""
@@ -152,6 +162,7 @@ def embed_windows(
     out = np.zeros((len(windows), module.backbone.d_model), dtype=np.float32)
     order = np.argsort(-lengths, kind="stable")  # longest first: rows of a batch have similar lengths
     device = next(module.parameters()).device
+    tokens_per_batch = tokens_per_batch or default_tokens_per_batch(device)
     tokens, times, offsets = store.tokens, store.times, np.asarray(store.offsets)
     bar = tqdm(total=len(windows), desc="representations", unit="label", disable=not progress)
     i = 0
@@ -192,7 +203,7 @@ def representations(
     store: TokenStore,
     labels: pl.DataFrame,
     progress: bool = True,
-    tokens_per_batch: int = 65_536,
+    tokens_per_batch: int | None = None,
     length: int | None = None,
     cache_dir: Path | None = None,
 ) -> tuple[np.ndarray, Windows]:
