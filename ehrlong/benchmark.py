@@ -51,7 +51,9 @@ class Args:
     finetune_split: str = "train"  # subjects whose timelines make the fine-tune haystacks
     data: str | None = None  # MEDS root or dataset name; null = the run's own dataset
     out: str | None = None  # results folder; null = <runs root>/benchmarks/<timestamp>
-    tokens_per_batch: int = 65_536  # scoring batches (one length per batch)
+    tokens_per_batch: int | None = (
+        None  # scoring batches (one length each); null = 4,096 on CPU, 65,536 on GPU
+    )
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     mlflow: bool = True  # log metrics and files to the run's MLflow run
     progress: bool = True
@@ -90,7 +92,7 @@ def check_args(args: Args):
         )
     if args.finetune_steps < 0:
         raise ConfigError(f"finetune_steps={args.finetune_steps}: >= 0 (0 scores retrieval zero-shot).")
-    if args.finetune_lr <= 0 or args.finetune_tokens < 1 or args.tokens_per_batch < 1:
+    if args.finetune_lr <= 0 or args.finetune_tokens < 1 or (args.tokens_per_batch or 1) < 1:
         raise ConfigError(
             f"finetune_lr={args.finetune_lr}, finetune_tokens={args.finetune_tokens}, "
             f"tokens_per_batch={args.tokens_per_batch}: each must be > 0."
@@ -164,7 +166,12 @@ def benchmark(args: Args) -> Path:
     from ehrlong.benchmarks import Haystack, ProbeTokens, aggregate, make_samples, score_samples
     from ehrlong.benchmarks.finetune import finetune, finetune_lengths
     from ehrlong.benchmarks.report import by_length, effective_table, heatmap, summary
-    from ehrlong.evaluation.representations import data_root, load_run, store_for_run
+    from ehrlong.evaluation.representations import (
+        data_root,
+        default_tokens_per_batch,
+        load_run,
+        store_for_run,
+    )
     from ehrlong.paths import runs_root
 
     tasks = check_args(args)
@@ -217,7 +224,7 @@ def benchmark(args: Args) -> Path:
     for task, length, depth in tqdm(cells, desc="benchmark", unit="cell", disable=not args.progress):
         samples = make_samples(task, hay, length, depth, args.samples, args.seed)
         model = tuned.module if (task.trainable and tuned is not None) else base
-        for r in score_samples(model, samples, args.tokens_per_batch):
+        for r in score_samples(model, samples, args.tokens_per_batch or default_tokens_per_batch(device)):
             r["finetuned"] = model is not base
             rows.append(r)
     chance = {t.name: t.chance(probes) for t in tasks}
