@@ -449,7 +449,6 @@ def evaluate(args: Args) -> Path:
     from ehrlong.evaluation.probes import K_ALL, evaluate_probe
     from ehrlong.evaluation.representations import (
         data_root,
-        label_windows,
         load_run,
         representations,
         store_for_run,
@@ -495,8 +494,7 @@ def evaluate(args: Args) -> Path:
             stores[length] = (store, win)
             stages.done("representations")
     if args.baseline:
-        for length, (store, _) in sorted(stores.items()):
-            win = label_windows(store, keys, length)
+        for length, (store, win) in sorted(stores.items()):  # the runs' own windows: same keys, same L
             feats = _count_features(store, win.windows)
             name = BASELINE if len(stores) == 1 else f"{BASELINE}_L{length}"
             models.append(Model(name, length, BASELINE, feats))

@@ -60,9 +60,7 @@ class Args:
     task: list[str] = field(default_factory=list)  # tasks with a probe in <run>/probes; empty = all of them
     labels: str | None = None  # MEDS label file (parquet/csv): subject_id, prediction_time[, boolean_value]
     times: str | None = None  # prediction times (parquet/csv): subject_id, prediction_time
-    split: str = (
-        "held_out"  # without labels/times: predict each subject of this split (or all) at its last event
-    )
+    split: str = "held_out"  # without labels/times: each subject of this split (or all) at its last event
     out: str | None = None  # FILE.parquet (one task) or a folder; null = <run>/predictions/<timestamp>/
     threshold: float = 0.5  # predicted_boolean_value = probability >= threshold
     subjects_per_batch: int = 256  # subjects whose windows are embedded and written together
@@ -75,7 +73,9 @@ class Args:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _read_table(path: str, wanted: Sequence[str], kind: str) -> pl.DataFrame:
+def _read_table(path: str, kind: str) -> pl.DataFrame:
+    """A labels= or times= file as (subject_id, prediction_time, boolean_value); times= has no values."""
+    wanted = ["subject_id", "prediction_time", *(["boolean_value"] if kind == "labels" else [])]
     p = Path(path)
     if not p.is_file():
         raise DataError(
@@ -178,6 +178,14 @@ def _probes(run, tasks: list[str]) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _remove(path: Path) -> None:
+    """Delete a file or folder if it is there (a stale .partial, or the output being replaced)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _status(store, windows, valid: np.ndarray, known_subject: np.ndarray) -> np.ndarray:
     """Per row: ok, only_unknown_codes, no_history or unknown_subject (see the module docstring)."""
     first_code = store.tokenizer.first_code_id
@@ -220,18 +228,14 @@ def predict(args: Args) -> Path:
     store = store_for_run(run, root)
     n_no_time = 0
     if args.labels or args.times:
-        queries = _read_table(
-            args.labels or args.times,
-            ["subject_id", "prediction_time", "boolean_value"],
-            "labels" if args.labels else "times",
-        )
+        queries = _read_table(args.labels or args.times, "labels" if args.labels else "times")
         source = f"{'labels' if args.labels else 'times'}={args.labels or args.times}"
     else:
         if args.split not in ("train", "tuning", "held_out", "all"):
             raise ConfigError(f"split={args.split!r}: one of train, tuning, held_out, all.")
         queries, n_no_time = _now_queries(root, store, args.split)
         source = f"each {args.split} subject at its last event"
-    queries = queries.with_row_index("row").sort("subject_id", "prediction_time", maintain_order=True)
+    queries = queries.sort("subject_id", "prediction_time", maintain_order=True)
 
     single = args.out is not None and args.out.endswith(".parquet")
     if single and len(probes) != 1:
@@ -240,9 +244,7 @@ def predict(args: Args) -> Path:
         )
     out = Path(args.out) if args.out else run.run_dir / "predictions" / time.strftime("%Y%m%d-%H%M%S")
     tmp = out.with_name(out.name + ".partial")
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
-    tmp.unlink(missing_ok=True)
+    _remove(tmp)
     files = {task: tmp if single else tmp / f"{task}.parquet" for task in probes}
     if not single:
         tmp.mkdir(parents=True)
@@ -264,8 +266,7 @@ def predict(args: Args) -> Path:
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             chunk = queries[int(a) : int(b)]
             win = label_windows(store, chunk, run.context_length)
-            known = np.isin(chunk["subject_id"].to_numpy(), np.asarray(store.subject_ids))
-            status = _status(store, win.windows, win.valid, known)
+            status = _status(store, win.windows, win.valid, win.known)
             reps = (
                 embed_windows(
                     run.module, store, win.windows[win.valid], args.tokens_per_batch, progress=False
@@ -298,7 +299,7 @@ def predict(args: Args) -> Path:
     except BaseException:
         for w in writers.values():
             w.close()
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
     finally:
         bar.close()
@@ -320,15 +321,11 @@ def predict(args: Args) -> Path:
     }
     if single:
         tmp.replace(out)
-        summary_path = out.with_suffix(".summary.json")
+        out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
     else:
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
+        _remove(out)
         tmp.rename(out)
-        summary_path = out / "summary.json"
-    if single:
-        summary_path.write_text(json.dumps(summary, indent=1))
     flagged = {s: n for s, n in counts.items() if s != "ok" and n}
     print(
         f"{queries.height:,} predictions for {len(starts):,} subjects in {seconds:.1f} s "

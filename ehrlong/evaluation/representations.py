@@ -117,6 +117,7 @@ class Windows:
 
     windows: np.ndarray  # [n, 3] int64
     valid: np.ndarray  # [n] bool
+    known: np.ndarray  # [n] bool: the subject is in the store
     n_unknown_subject: int
     n_no_history: int
 
@@ -142,6 +143,7 @@ def label_windows(store: TokenStore, labels: pl.DataFrame, length: int) -> Windo
     return Windows(
         windows=windows,
         valid=known & has_history,
+        known=known,
         n_unknown_subject=int((~known).sum()),
         n_no_history=int((known & ~has_history).sum()),
     )

@@ -87,7 +87,7 @@ def event_count(codes: np.ndarray) -> int:
 # have ~30 labels per patient). Copying the history once per cutoff costs labels x events; instead every
 # quantity is a running count along the subject's time-ordered events, read off at each cutoff:
 # - an n-gram type is distinct in a prefix once its first occurrence is in, repeated once its second is;
-# - the gap std comes from running counts, sums and sums of squares of the gaps (centred per subject).
+# - the gap std comes from running counts, sums and sums of squares of the gaps (shifted per subject).
 
 
 def _subject_index(offsets: np.ndarray) -> np.ndarray:
