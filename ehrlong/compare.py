@@ -749,6 +749,7 @@ def compare(args: Args) -> Comparison:
     from ehrlong.tracking import tracking_uri
 
     _check_args(args)
+    out = _out_dir(args)  # before reading MLflow: a bad out= is found without waiting for the store
     uri = tracking_uri(args.tracking_uri, runs_root())
     client = _client(uri)
     sel = select(client, args.experiment, args.metric, args.by, args.task, uri, args.length)
@@ -756,7 +757,6 @@ def compare(args: Args) -> Comparison:
     table = long_table(sel, label, args.by)
     text = render(sel, args.metric, args.by, args.experiment, uri, args.length)
 
-    out = _out_dir(args)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -51,6 +51,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "parse",
+    "load_yaml_mapping",
     "list_presets",
     "flat_keys",
     "to_flat_dict",
@@ -314,6 +315,30 @@ def _check_keys(tree: dict[str, Any], valid: dict[str, Any], where: str, prefix:
             raise _unknown_key(key, valid, where)
 
 
+def load_yaml_mapping(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a preset, a recipe, a run's config.yaml), or a ConfigError
+    naming the file, the line YAML stopped at and `fix`. An empty file is an empty mapping."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path} ({e.strerror or e}). {fix}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text file (not UTF-8). {fix}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: {problem}. {fix}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{what} {path} must be a YAML mapping of key: value, got a {type(loaded).__name__}. {fix}"
+        )
+    return loaded
+
+
 def _parse_value(raw: str) -> Any:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
@@ -329,12 +354,14 @@ def parse(
     presets_dir: Path | None = None,
     prog: str = "ehrlong",
     base: tuple[Path, dict] | None = None,
+    preset_kind: str = "preset",
 ) -> T:
     """Parse `config=NAME key=value ...` into a validated instance of `schema`.
 
     `presets_dir=None` means the command has no presets (`config=` is then an error). `base` is a
     (file, nested mapping) layer applied under the preset and the command line, e.g. a saved run's
-    config.yaml when resuming; its keys are checked like a preset's.
+    config.yaml when resuming; its keys are checked like a preset's. `preset_kind` names the preset
+    file in messages (a tokenizer recipe is parsed as a preset of TokenizerRecipe).
     """
     valid = flat_keys(schema)
     preset: str | None = None
@@ -370,6 +397,11 @@ def parse(
     try:
         if base is not None:
             path, mapping = base
+            if not isinstance(mapping, dict):  # a config.yaml edited into a list or a scalar
+                raise ConfigError(
+                    f"{path} must be a YAML mapping of key: value, got a {type(mapping).__name__}; "
+                    "restore the file ehrlong wrote (a run's config.yaml is its resolved config)."
+                )
             _check_keys(mapping, valid, f"in {path}")
             cfg = OmegaConf.merge(cfg, mapping)
         if preset is not None:
@@ -380,12 +412,10 @@ def parse(
                     f"no preset named {preset!r} (looked for {path}). Valid presets: {names}. "
                     f"`{prog} config=list` describes them."
                 )
-            loaded = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(
-                    f"preset {path} must be a YAML mapping of overrides, got {type(loaded).__name__}."
-                )
-            _check_keys(loaded, valid, f"in preset {path}")
+            loaded = load_yaml_mapping(
+                path, preset_kind, f"A {preset_kind} holds only overrides, one `key: value` per line."
+            )
+            _check_keys(loaded, valid, f"in {preset_kind} {path}")
             cfg = OmegaConf.merge(cfg, loaded)
             if "config_name" in valid:
                 cfg = OmegaConf.merge(cfg, {"config_name": preset})

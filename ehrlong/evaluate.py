@@ -59,6 +59,8 @@ class Args:
     tokens_per_batch: int | None = None  # forward batches incl. padding; null = 4,096 on CPU, 65,536 on GPU
     cache: bool = True  # keep representations in <cache root>/representations (per weights, data, L, labels)
     mlflow: bool = True  # log results and plots to each run's MLflow run
+    predictions: bool = False  # also write predictions.parquet: per label subject_id, time, probability
+    # (it identifies patients, so only when asked; results, plots and MLflow hold no subject ids)
     progress: bool = True
 
 
@@ -563,7 +565,8 @@ def evaluate(args: Args) -> Path:
     tmp.mkdir(parents=True)
     results.write_parquet(tmp / "results.parquet")
     results.write_csv(tmp / "results.csv")
-    preds.write_parquet(tmp / "predictions.parquet")
+    if args.predictions:
+        preds.write_parquet(tmp / "predictions.parquet")
     if comparisons.height:
         comparisons.write_parquet(tmp / "comparisons.parquet")
         comparisons.write_csv(tmp / "comparisons.csv")

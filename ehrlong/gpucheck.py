@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ehrlong.config import PRESETS_DIR, TrainConfig, parse
-from ehrlong.errors import run_cli
+from ehrlong.config import PRESETS_DIR, TrainConfig, list_presets, parse
+from ehrlong.errors import ConfigError, run_cli
 
 
 @dataclass
@@ -105,8 +105,24 @@ def throughput(preset: str, vocab: int, steps: int) -> dict:
     }
 
 
+def check_args(args: Args) -> None:
+    """What can be wrong with the command line, checked on any machine (not only once a GPU is there)."""
+    names = [name for name, _ in list_presets(PRESETS_DIR)]
+    for preset in args.presets or []:
+        if preset not in names:
+            raise ConfigError(
+                f"presets: no preset named {preset!r}. Valid presets: {', '.join(names)} "
+                "(python -m ehrlong.train config=list describes them)."
+            )
+    if args.steps < 1:
+        raise ConfigError(f"steps={args.steps}: timed steps per preset, must be >= 1 (default 5).")
+    if args.vocab_size < 2:
+        raise ConfigError(f"vocab_size={args.vocab_size}: must be >= 2 (default 40000).")
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse(Args, argv, prog="python -m ehrlong.gpucheck")
+    check_args(args)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check here (this script is for a GPU machine).")
         return 0

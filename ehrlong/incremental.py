@@ -107,7 +107,14 @@ def measure(args: Args) -> dict:
     store = store_for_run(run, data_root(args.data, [run]))
     probes = {}
     folder = run.run_dir / "probes"
-    names = [args.task] if args.task else sorted(p.stem for p in folder.glob("*.json"))[:1]
+    saved = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+    if args.task and args.task not in saved:
+        raise ConfigError(
+            f"task={args.task}: no probe {folder / args.task}.json; saved probes: {', '.join(saved) or 'none'}. "
+            f"python -m ehrlong.evaluate run={run.run_dir} saves one per task it evaluates (or leave task= "
+            "out to time hidden states only)."
+        )
+    names = [args.task] if args.task else saved[:1]
     for name in names:
         probes[name] = load_probe(folder / f"{name}.json")[0]
     predictor = IncrementalPredictor(run, probes)

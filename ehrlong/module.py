@@ -5,7 +5,9 @@
 
 Context Clues' code averaged the loss over padded positions too; here padding never enters the loss,
 and each optimizer step weighs every real token equally however its tokens are spread over the
-accumulated micro-batches (EventBatch.step_targets).
+accumulated micro-batches (EventBatch.step_targets). Under DDP/FSDP the step's targets are those of
+every rank, so the same holds across ranks (issue 8): a 2-rank step equals the 1-process step on the
+same windows.
 """
 
 from __future__ import annotations
@@ -101,7 +103,10 @@ class EHRLitModule(L.LightningModule):
         self._val_sums = torch.zeros(len(self.edges) - 1, dtype=torch.float64)
         self._val_counts = torch.zeros(len(self.edges) - 1, dtype=torch.float64)
         self._t0: float | None = None
-        self.tokens_seen = 0
+        self.tokens_seen = 0  # real tokens trained on by this process
+        self.global_tokens_seen = 0  # ... by all ranks, as of the last optimizer step
+        self._step_losses: list[torch.Tensor] = []  # this rank's loss sums of the step's micro-batches
+        self._step_targets = 0
 
     # --- loss -----------------------------------------------------------------------------------------
 
@@ -118,17 +123,36 @@ class EHRLitModule(L.LightningModule):
         if self._t0 is None:
             self._t0 = time.perf_counter()
         losses, _ = self.token_losses(batch)
-        n_real = losses.numel()
         self.tokens_seen += int(batch.mask.sum())
-        # Lightning divides by accumulate_grad_batches; multiply it back so the step's loss is the mean
-        # over all of the step's real targets.
-        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        loss = losses.sum() * accumulate / max(1, batch.step_targets)
-        mean = losses.detach().mean() if n_real else losses.detach().sum()
-        elapsed = time.perf_counter() - self._t0
-        self.log("train/loss", mean, prog_bar=True, batch_size=n_real)
-        self.log("train/tokens_per_s", self.tokens_seen / max(elapsed, 1e-9), prog_bar=True, batch_size=1)
-        return loss
+        self._step_losses.append(losses.detach().sum())
+        self._step_targets = batch.step_targets
+        # Lightning divides by accumulate_grad_batches and DDP/FSDP average gradients over ranks; multiply
+        # both back so the step's loss is the sum over all ranks' real targets / the step's target count.
+        accumulate, world = (
+            (self.trainer.accumulate_grad_batches, self.trainer.world_size)
+            if self._trainer is not None
+            else (1, 1)
+        )
+        return losses.sum() * (accumulate * world) / max(1, batch.step_targets)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log the step's loss (mean over every real target of the step, all ranks) once per step.
+
+        One small all-reduce per step; the loss of the step's last micro-batch alone would differ between
+        a 2-rank run and a 1-process run on the same windows."""
+        loss_sum = torch.stack(self._step_losses).double().sum() if self._step_losses else torch.zeros(())
+        local = torch.stack(
+            [
+                loss_sum.to(self.device, torch.float64),
+                torch.tensor(float(self.tokens_seen), dtype=torch.float64, device=self.device),
+            ]
+        )
+        total = self.trainer.strategy.reduce(local, reduce_op="sum").cpu()
+        self._step_losses.clear()
+        self.global_tokens_seen = int(total[1])
+        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+        self.log("train/loss", float(total[0]) / max(1, self._step_targets), prog_bar=True)
+        self.log("train/tokens_per_s", self.global_tokens_seen / max(elapsed, 1e-9), prog_bar=True)
 
     # --- validation: loss by position bucket over the whole tuning split --------------------------------
 
@@ -146,6 +170,13 @@ class EHRLitModule(L.LightningModule):
         self._val_counts += torch.bincount(bucket.cpu(), minlength=len(self._val_counts)).double()
 
     def on_validation_epoch_end(self) -> None:
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Each rank validated its own windows (EvalBatches.shard): sum the buckets over ranks, so
+            # every rank (and metrics.json, written by rank 0) holds the loss over the whole split.
+            both = torch.stack([self._val_sums, self._val_counts]).to(self.device)
+            both = self.trainer.strategy.reduce(both, reduce_op="sum").cpu()
+            self._val_sums.copy_(both[0])
+            self._val_counts.copy_(both[1])
         total = self._val_counts.sum()
         if total == 0:
             return

@@ -115,27 +115,37 @@ def _read_table(path: str, kind: str) -> pl.DataFrame:
     return frame
 
 
-def _now_queries(root: Path, store, split: str) -> tuple[pl.DataFrame, int]:
-    """Each subject of `split` (or all) at its last event; subjects with no timed event are counted."""
-    from ehrlong.data.meds import scan_events
+def _n_without_timed_events(root: Path, store, split: str) -> int:
+    """Subjects of `split` the store left out because they have no timed event (counted at tokenization)."""
+    excluded = store.meta["excluded"]["subjects_without_timed_events"]
+    if split == "all" or not excluded:
+        return len(excluded)
+    from ehrlong.data.meds import read_splits
 
-    if split == "all":
-        ids = np.asarray(store.subject_ids)
-    else:
-        ids = np.asarray(store.subject_ids)[store.split_indices(split)]
-    last = (
-        scan_events(root, with_text=False, sort=False)
-        .filter(pl.col("subject_id").is_in(ids) & pl.col("time").is_not_null())
-        .group_by("subject_id")
-        .agg(pl.col("time").max().alias("prediction_time"))
-        .collect()
+    splits = read_splits(root)
+    return splits.filter(pl.col("subject_id").is_in(excluded) & (pl.col("split") == split)).height
+
+
+def _now_queries(store, split: str) -> pl.DataFrame:
+    """Each subject of `split` (or all) at its last event, read off the token store: one time per subject
+    (the last token carries its event's time), so memory grows with the subjects asked for, not with the
+    events of the cohort. The store holds only subjects with timed events (it counts the others)."""
+    from ehrlong.tokenizer import US_PER_DAY
+
+    idx = np.arange(store.n_subjects) if split == "all" else store.split_indices(split)
+    offsets = np.asarray(store.offsets)
+    ends = offsets[idx + 1]
+    # Store times are integer microseconds / US_PER_DAY in float64: exact to well under 1 us for any
+    # date before year 2200, so rounding back gives the event's timestamp exactly.
+    last_us = np.rint(np.asarray(store.times[ends - 1]) * US_PER_DAY).astype(np.int64)
+    return pl.DataFrame(
+        {
+            "subject_id": np.asarray(store.subject_ids)[idx],
+            "prediction_time": last_us.astype("datetime64[us]"),
+            "boolean_value": pl.Series([None] * len(idx), dtype=pl.Boolean),
+        },
+        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean},
     )
-    frame = last.select(
-        "subject_id",
-        pl.col("prediction_time").cast(pl.Datetime("us")),
-        pl.lit(None, pl.Boolean).alias("boolean_value"),
-    )
-    return frame, len(ids) - frame.height
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,6 +212,15 @@ def _status(store, windows, valid: np.ndarray, known_subject: np.ndarray) -> np.
     return status
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
 def predict(args: Args) -> Path:
     from ehrlong.evaluation.representations import (
         data_root,
@@ -233,8 +252,9 @@ def predict(args: Args) -> Path:
     else:
         if args.split not in ("train", "tuning", "held_out", "all"):
             raise ConfigError(f"split={args.split!r}: one of train, tuning, held_out, all.")
-        queries, n_no_time = _now_queries(root, store, args.split)
-        source = f"each {args.split} subject at its last event"
+        queries = _now_queries(store, args.split)
+        n_no_time = _n_without_timed_events(root, store, args.split)
+        source = f"each {'' if args.split == 'all' else args.split + ' '}subject at its last event"
     queries = queries.sort("subject_id", "prediction_time", maintain_order=True)
 
     single = args.out is not None and args.out.endswith(".parquet")
@@ -309,6 +329,9 @@ def predict(args: Args) -> Path:
     summary = {
         "run": str(run.run_dir),
         "data": str(root),
+        # Encoded with the run's vocabulary; events whose code it never saw became UNK (counted, not dropped).
+        "store": str(store.root),
+        "unknown_code_events": {s: v["unk"] for s, v in store.meta["counts"]["per_split"].items()},
         "source": source,
         "tasks": list(probes),
         "rows": queries.height,
@@ -318,6 +341,7 @@ def predict(args: Args) -> Path:
         "threshold": args.threshold,
         "seconds": round(seconds, 2),
         "subjects_per_second": round(len(starts) / seconds, 2) if seconds > 0 else None,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
     }
     if single:
         tmp.replace(out)

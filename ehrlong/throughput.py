@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ehrlong.config import PRESETS_DIR, list_presets, parse
+from ehrlong.config import PRESETS_DIR, TrainConfig, list_presets, parse
 from ehrlong.errors import ConfigError, run_cli
 
 EXTRA_BASELINES = ("hf_mamba",)
@@ -201,8 +201,14 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(args: Args) -> list[dict]:
+def check_args(args: Args) -> None:
+    """Everything about the command line that would otherwise fail inside every measuring child (where
+    the error is one line of a child's stderr and the command would still exit 0)."""
+    from ehrlong.backbones.mamba import SIZES
+
     known = {"hf_mamba", *_registered(), *_preset_names()}
+    if not args.backbones:
+        raise ConfigError(f"backbones= is empty; give one or more of {', '.join(sorted(known))}.")
     for name in args.backbones:
         if name not in known:
             raise ConfigError(f"backbones: unknown entry {name!r}. Valid: {', '.join(sorted(known))}.")
@@ -210,6 +216,34 @@ def run(args: Args) -> list[dict]:
         raise ConfigError(
             "lengths=[] runs each entry at its own context length, which only presets have; give lengths=..."
         )
+    if args.size not in SIZES:
+        raise ConfigError(f"size={args.size!r}: valid sizes are {', '.join(SIZES)} (tiny trains on a CPU).")
+    bad = [n for n in args.lengths if n < 2]
+    if bad:
+        raise ConfigError(
+            f"lengths={bad[0]}: a context length is a positive number of tokens (>= 2: a next-token loss "
+            "needs two), e.g. lengths=1024,4096."
+        )
+    for key in ("vocab_size", "batch_size", "rounds", "steps"):
+        if getattr(args, key) < 1:
+            raise ConfigError(f"{key}={getattr(args, key)}: must be >= 1.")
+    if args.threads < 0:
+        raise ConfigError(f"threads={args.threads}: 0 (torch's default) or a positive thread count.")
+    # The overrides go to TrainConfig in each child: parse them here once so a typo fails before any child.
+    for name in args.backbones:
+        if name == "hf_mamba":
+            continue
+        base = [f"config={name}"] if name in _preset_names() else [f"backbone={name}"]
+        parse(
+            TrainConfig,
+            [*base, f"size={args.size}", *args.overrides],
+            presets_dir=PRESETS_DIR,
+            prog="overrides",
+        )
+
+
+def run(args: Args) -> list[dict]:
+    check_args(args)
     configs = [(b, n) for b in args.backbones for n in (args.lengths or [_preset_length(b)])]
     configs.sort(key=lambda c: c[1])
     results: dict[tuple[str, int], list[dict]] = {c: [] for c in configs}
@@ -219,6 +253,14 @@ def run(args: Args) -> list[dict]:
             results[(name, length)].append(res)
             shown = f"{res['seconds']:.2f} s" if "seconds" in res else f"error {res['error']}"
             print(f"round {r + 1}/{args.rounds} {name:12s} L={length:6d}: {shown}", flush=True)
+    failed = {c: rs[-1]["error"] for c, rs in results.items() if not any("seconds" in r for r in rs)}
+    if failed and len(failed) == len(results):
+        # Nothing measured: exit non-zero with the children's errors (the arguments were checked above, so
+        # this is the machine, e.g. out of memory, or a bug: the child's last stderr line says which).
+        for (name, length), error in failed.items():
+            print(f"{name} L={length}: {' '.join(error)}", file=sys.stderr)
+        print("throughput: no configuration could be measured; nothing written.", file=sys.stderr)
+        sys.exit(1)
     rows = []
     for (name, length), runs in results.items():
         ok = [x for x in runs if "seconds" in x]

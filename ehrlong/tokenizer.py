@@ -140,7 +140,11 @@ def load_recipe(name_or_path: str | Path, directory: Path = TOKENIZERS_DIR) -> T
     """A recipe by name (tokenizers/NAME.yaml) or path; unknown keys and bad values are errors."""
     path = recipe_path(name_or_path, directory)
     recipe = parse(
-        TokenizerRecipe, [f"config={path.stem}"], presets_dir=path.parent, prog=f"tokenizer recipe {path}"
+        TokenizerRecipe,
+        [f"config={path.stem}"],
+        presets_dir=path.parent,
+        prog=f"tokenizer recipe {path}",
+        preset_kind="tokenizer recipe",
     )
     if not recipe.name:
         recipe.name = path.stem
@@ -559,20 +563,29 @@ class EventTokenizer:
                 f"cannot read tokenizer {path}: {e}. It is written by `python -m ehrlong.data "
                 f"tokenize` and saved beside every checkpoint; re-create it there."
             ) from None
-        if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
+        if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
+            got = (d.get("format"), d.get("format_version")) if isinstance(d, dict) else type(d).__name__
             raise DataError(
-                f"{path} is not an ehrlong tokenizer of format version {FORMAT_VERSION} "
-                f"(format={d.get('format')!r}, version={d.get('format_version')!r}); re-tokenize."
+                f"{path} is not an ehrlong tokenizer of format version {FORMAT_VERSION} (found {got!r}); "
+                "re-create it with `python -m ehrlong.data tokenize` (a run directory keeps the one it was "
+                "trained with)."
             )
-        codes = d["codes"]
-        tok = cls(
-            recipe_from_dict(d["recipe"]),
-            [c["code"] for c in codes],
-            [c["edges"] for c in codes],
-            [c["texts"] for c in codes],
-            d.get("fit_stats"),
-        )
-        if tok.id_to_token != d["vocab"] or tok.hash != d["hash"]:
+        try:
+            codes = d["codes"]
+            tok = cls(
+                recipe_from_dict(d["recipe"]),
+                [c["code"] for c in codes],
+                [c["edges"] for c in codes],
+                [c["texts"] for c in codes],
+                d.get("fit_stats"),
+            )
+            consistent = tok.id_to_token == d["vocab"] and tok.hash == d["hash"]
+        except (KeyError, TypeError, ValueError, ConfigError) as e:  # a field missing or of the wrong kind
+            raise DataError(
+                f"{path} is damaged ({type(e).__name__}: {e}): not the tokenizer ehrlong wrote. Re-create it "
+                "with `python -m ehrlong.data tokenize`, or copy it back from the run it belongs to."
+            ) from None
+        if not consistent:
             raise DataError(
                 f"{path} is inconsistent: its vocabulary or hash does not match its codes and "
                 f"recipe (edited or corrupted). Re-create it with `python -m ehrlong.data tokenize`."
@@ -603,12 +616,23 @@ def collect_events(events: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
         else pl.lit(None, dtypes[c]).alias(c)
         for c in (SUBJECT_ID, TIME, CODE, NUMERIC_VALUE, TEXT_VALUE)
     ]
-    df = lf.select(cols).collect()
+    try:
+        df = lf.select(cols).collect()
+    except (pl.exceptions.ComputeError, OSError) as e:
+        # Footers, columns and types were checked when the shards were scanned (ehrlong.data.meds), so
+        # this is a data page that cannot be decoded: a corrupt file.
+        raise DataError(
+            f"the MEDS events could not be read ({str(e).strip().splitlines()[0]}): a shard is probably "
+            "corrupt. `python -m ehrlong.data validate data=ROOT` names the file; copy it again or re-run "
+            "the ETL that wrote it."
+        ) from None
     nulls = {c: df[c].null_count() for c in (SUBJECT_ID, CODE)}
     if any(nulls.values()):
+        found = ", ".join(f"{n:,} null {c!r}" for c, n in nulls.items() if n)
         raise DataError(
-            f"events have null values in required columns ({nulls}). MEDS requires subject_id and "
-            f"code on every row; run `python -m ehrlong.data validate` to find the rows."
+            f"the MEDS events have {found} values: MEDS requires subject_id and code on every event. "
+            "`python -m ehrlong.data validate data=ROOT` names the file and row of each; fix the ETL or drop "
+            "those rows."
         )
     return df
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
+import pytest
 import torch
 
 from ehrlong.data.batching import (
@@ -16,6 +17,7 @@ from ehrlong.data.batching import (
     plan_epoch,
     subject_windows,
 )
+from ehrlong.errors import DataError
 
 
 @dataclass
@@ -113,3 +115,94 @@ def test_eval_batches_cover_the_split_once():
     n = sum(int(ev[i].mask.sum()) for i in range(len(ev)))
     tuning = store.split_indices("tuning")
     assert n == int(sum(store.offsets[s + 1] - store.offsets[s] for s in tuning))
+
+
+# --- distributed: subject shards (issue 8) -----------------------------------------------------------------
+
+LENGTHS = [37, 80, 12, 64, 5, 90, 33, 41, 70, 22, 15, 60, 44, 8, 51, 29, 77, 18, 36, 95, 3, 58]
+
+
+def window_keys(ds: TrainBatches, rank: int, rows: np.ndarray) -> list[tuple[int, int, int]]:
+    return [tuple(int(v) for v in w) for w in ds.shard_windows[rank][rows]]
+
+
+def test_ranks_own_disjoint_subjects_and_see_each_window_at_most_once_per_epoch():
+    store = fake_store(LENGTHS)
+    world = 3
+    ranks = []
+    for r in range(world):
+        ds = TrainBatches(store, "train", length=16, budget=48, per_step=2, seed=7)
+        ds.shard(r, world)
+        ranks.append(ds)
+    subjects = [set(ds.shard_windows[r][:, 0].tolist()) for r, ds in enumerate(ranks)]
+    # Disjoint, and together every train subject with tokens: no subject is trained on by two ranks.
+    assert all(not (subjects[a] & subjects[b]) for a in range(world) for b in range(a + 1, world))
+    assert set().union(*subjects) == set(store.split_indices("train").tolist())
+    # Balanced by tokens (LPT): no rank holds more than its share plus one subject.
+    tokens = [
+        int((ds.shard_windows[r][:, 2] - ds.shard_windows[r][:, 1]).sum()) for r, ds in enumerate(ranks)
+    ]
+    assert max(tokens) - min(tokens) <= max(LENGTHS)
+
+    # One epoch: every rank's micro-batches come from the same per-epoch plan cut to the shortest rank.
+    # Within it no window (hence no subject's tokens) appears twice, and all ranks step in lockstep.
+    epoch = min(len(plan_epoch(ds.shard_windows[r], 48, 7, 0)) for r, ds in enumerate(ranks))
+    seen: list[tuple[int, int, int]] = []
+    for r, ds in enumerate(ranks):
+        for batch in islice(ds.micro_batches(), epoch):
+            seen += window_keys(ds, r, batch[r])
+    assert len(seen) == len(set(seen))
+
+    # Every rank's batches of a step carry the same step_targets: the targets of all ranks together.
+    streams = [iter(ds) for ds in ranks]
+    for _ in range(5):
+        steps = [[next(s) for _ in range(2)] for s in streams]
+        real = sum(int((b.mask.sum(1) - 1).clamp(min=0).sum()) for group in steps for b in group)
+        assert {b.step_targets for group in steps for b in group} == {real}
+
+
+def test_one_rank_is_the_single_process_plan_and_emulated_ranks_replay_a_ddp_step():
+    store = fake_store(LENGTHS)
+    single = TrainBatches(store, "train", length=16, budget=48, per_step=2, seed=3)
+    windows = subject_windows(store.offsets, store.split_indices("train"), 16)
+    expected = plan_epoch(windows, 48, 3, 0) + plan_epoch(windows, 48, 3, 1)
+    got = list(islice(single.micro_batches(), len(expected)))
+    assert all(np.array_equal(g[0], e) for g, e in zip(got, expected, strict=True))  # unchanged by sharding
+
+    # A process iterating both shards yields, per step, rank 0's then rank 1's micro-batches.
+    both = TrainBatches(store, "train", length=16, budget=48, per_step=1, seed=3, start=2)
+    both.shard(0, 2)
+    both.ranks = (0, 1)
+    per_rank = []
+    for r in range(2):
+        ds = TrainBatches(store, "train", length=16, budget=48, per_step=1, seed=3, start=2)
+        ds.shard(r, 2)
+        per_rank.append(list(islice(iter(ds), 3)))
+    replay = list(islice(iter(both), 6))
+    for step in range(3):
+        for r in range(2):
+            a, b = replay[2 * step + r], per_rank[r][step]
+            assert torch.equal(a.tokens, b.tokens) and a.step_targets == b.step_targets
+
+
+def test_more_ranks_than_subjects_is_a_data_error():
+    store = fake_store([10, 20, 30, 40, 50])  # subjects 1-4 train, 0 tuning
+    ds = TrainBatches(store, "train", length=16, budget=48, per_step=1, seed=0)
+    with pytest.raises(DataError, match=r"rank\(s\) \[4, 5\] would get no subject.*at most 4 devices"):
+        ds.shard(0, 6)
+    ev = EvalBatches(store, "tuning", length=16, budget=48)  # one tuning subject of 10 tokens: 1 window
+    with pytest.raises(DataError, match="1 validation window.*2 rank"):
+        ev.shard(0, 2)
+
+
+def test_eval_shards_partition_the_split():
+    store = fake_store(LENGTHS)
+    full = EvalBatches(store, "tuning", length=16, budget=48)
+    keys = lambda ev: sorted(tuple(int(v) for v in w) for w in ev.windows)  # noqa: E731
+    parts = []
+    for r in range(2):
+        ev = EvalBatches(store, "tuning", length=16, budget=48)
+        ev.shard(r, 2)
+        assert len(ev) >= 1
+        parts += keys(ev)
+    assert sorted(parts) == keys(full) and len(parts) == len(set(parts))

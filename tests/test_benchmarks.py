@@ -407,7 +407,8 @@ def test_cli_end_to_end(trained):
     trainable = {n for n, t in TASKS.items() if t.trainable}
     assert set(results.filter(pl.col("finetuned"))["task"]) == trainable
     per_sample = pl.read_parquet(out / "per_sample.parquet")
-    assert per_sample.height == results["n"].sum() and "subject_ids" in per_sample.columns
+    assert per_sample.height == results["n"].sum() and "subject_indices" in per_sample.columns
+    assert "subject_ids" not in per_sample.columns  # no subject identifier on disk (issue 8, privacy)
 
     effective = pl.read_csv(out / "effective_length.csv")
     assert set(effective["task"]) == set(TASKS) | {"retrieval_mean"}

@@ -45,6 +45,7 @@ def evaluated(two_runs):
         "n_boot=200",
         f"out={out}",
         "progress=false",
+        "predictions=true",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, (mamba, transformer), out
@@ -241,9 +242,13 @@ def test_predict_now_gives_every_held_out_subject_one_row_per_task(evaluated, tm
     held = set(splits.filter(pl.col("split") == "held_out")["subject_id"])
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["summary.json", *(f"{t}.parquet" for t in TASKS)])
+    # "Now" is each subject's last timed event in the MEDS data, to the microsecond.
+    events = pl.concat([pl.read_parquet(p) for p in (_cohort(tmp) / "data").rglob("*.parquet")])
+    last = dict(events.group_by("subject_id").agg(pl.col("time").max()).iter_rows())
     for task in TASKS:
         got = pl.read_parquet(out / f"{task}.parquet")
         assert set(got["subject_id"]) == held and got["subject_id"].is_unique().all()
+        assert all(t == last[s] for s, t in got.select("subject_id", "prediction_time").iter_rows())
         assert (got["status"] == "ok").all() and got["boolean_value"].is_null().all()
         p = got["predicted_boolean_probability"]
         assert p.is_between(0, 1).all() and (got["predicted_boolean_value"] == (p >= 0.5)).all()
@@ -280,6 +285,66 @@ def test_predict_bad_input_exits_2_and_leaves_no_output(evaluated, tmp_path):
     )
     assert proc.returncode != 0 and "disk full" in proc.stderr
     assert not target.exists() and not target.with_name(target.name + ".partial").exists()
+
+
+def test_predict_on_another_dataset_encodes_it_with_the_runs_vocabulary(evaluated, tmp_path):
+    """A run applied to patients it never saw: no refit (ids would mean other codes), unknown codes
+    counted as UNK, every held-out subject predicted."""
+    import datetime as dt
+
+    from ehrlong.config import SyntheticConfig
+    from ehrlong.data.meds import read_splits
+    from ehrlong.data.store import TokenStore, build_store
+    from ehrlong.data.synthetic import generate
+    from ehrlong.tokenizer import EventTokenizer
+
+    tmp, (mamba, _), _ = evaluated
+    other = tmp_path / "other"
+    generate(SyntheticConfig(n_subjects=40, seed=7), other, progress=False)
+    # One event with a code no training cohort has, for a held-out subject, inside its history.
+    held = read_splits(other).filter(pl.col("split") == "held_out")["subject_id"].sort()
+    shard = next(
+        p
+        for p in sorted((other / "data").rglob("*.parquet"))
+        if pl.read_parquet(p)["subject_id"].is_in(held.to_list()).any()
+    )
+    events = pl.read_parquet(shard)
+    subject = events.filter(pl.col("subject_id").is_in(held.to_list()))["subject_id"][0]
+    first = events.filter((pl.col("subject_id") == subject) & pl.col("time").is_not_null())["time"].min()
+    novel = events.filter((pl.col("subject_id") == subject) & (pl.col("time") == first)).head(1)
+    novel = novel.with_columns(pl.lit("NEVER//SEEN").alias("code"), pl.col("time") + dt.timedelta(seconds=1))
+    pl.concat([events, novel]).sort("subject_id", "time", nulls_last=False).write_parquet(shard)
+
+    target = tmp_path / "other.parquet"
+    proc = predict(
+        tmp, f"run={mamba}", f"data={other}", "task=lung_cancer", f"out={target}", "progress=false"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = pl.read_parquet(target)
+    assert sorted(got["subject_id"]) == held.to_list() and (got["status"] == "ok").all()
+    summary = json.loads(target.with_suffix(".summary.json").read_text())
+    run_tokenizer = EventTokenizer.load(mamba / "tokenizer.json")
+    held_events = pl.concat([pl.read_parquet(p) for p in (other / "data").rglob("*.parquet")]).filter(
+        pl.col("subject_id").is_in(held.to_list())
+    )
+    unknown = held_events.filter(~pl.col("code").is_in(run_tokenizer.codes))
+    assert "NEVER//SEEN" in unknown["code"].to_list()
+    assert summary["unknown_code_events"]["held_out"] == unknown.height
+    used = TokenStore.open(summary["store"])
+    assert used.tokenizer.hash == run_tokenizer.hash and used.meta["tokenizer"]["fitted_here"] is False
+    # A refit on this cohort would have given another vocabulary: the case the run must not be fed.
+    refit = build_store(other, "cehr", out=tmp_path / "refit", progress=False)
+    assert refit.meta["tokenizer"]["hash"] != run_tokenizer.hash
+
+    # A run directory whose tokenizer.json is not the checkpoint's is refused, naming both.
+    import shutil
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(mamba, swapped)
+    shutil.copyfile(tmp_path / "refit" / "tokenizer.json", swapped / "tokenizer.json")
+    proc = predict(tmp, f"run={swapped}", "task=lung_cancer", f"out={tmp_path / 'x.parquet'}")
+    assert proc.returncode == 2 and "tokenizer.json" in proc.stderr and "model.ckpt" in proc.stderr
+    assert not (tmp_path / "x.parquet").exists()
 
 
 def test_incremental_update_equals_the_from_scratch_prediction(evaluated):

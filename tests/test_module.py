@@ -74,18 +74,19 @@ def test_accumulated_micro_batches_equal_one_big_step():
         torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
-def test_training_step_undoes_lightnings_division_by_accumulation():
+def test_training_step_undoes_lightnings_division_by_accumulation_and_ranks():
     m = module()
 
-    class T:  # the one attribute training_step reads from the trainer
+    class T:  # the attributes training_step reads from the trainer
         accumulate_grad_batches = 4
+        world_size = 2  # DDP averages gradients over ranks; step_targets counts every rank's targets
 
     m._trainer = T()
     m.log = lambda *a, **k: None
     b = batch([[3, 4, 5, 6]], [4], step_targets=12)
     loss = m.training_step(b, 0)
     losses, _ = m.token_losses(b)
-    torch.testing.assert_close(loss, losses.sum() * 4 / 12)
+    torch.testing.assert_close(loss, losses.sum() * 4 * 2 / 12)
 
 
 def test_chunked_cross_entropy_matches_full(monkeypatch):

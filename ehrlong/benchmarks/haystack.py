@@ -5,9 +5,10 @@ haystack is a random window of n consecutive tokens of it. When it is shorter, t
 taken and further random subjects follow, each after one `[EOS]` separator token, until n tokens are
 reached; the last subject contributes a random window of what is still needed. This is RULER's
 (Hsieh et al. 2024) answer to a short essay: it concatenates Paul Graham essays until the haystack is
-long enough. Nothing is dropped silently: every piece (subject id, start, end within that subject's
+long enough. Nothing is dropped silently: every piece (subject, start, end within that subject's
 timeline) and the number of separators are recorded in the sample's metadata and summarised per cell of
-the results (`mean_subjects`, `share_concatenated`). `[EOS]` ("this timeline ends") is the separator
+the results (`mean_subjects`, `share_concatenated`); on disk (per_sample.parquet) a subject is its position in
+the token store, never its id. `[EOS]` ("this timeline ends") is the separator
 because a haystack that would end one token after a full timeline simply ends with it.
 
 Times are days since the first subject's first event, as training windows are (`batching.collate`);
@@ -33,6 +34,7 @@ class Piece:
     subject_id: int
     start: int  # token index within the subject's timeline
     end: int
+    subject_index: int = -1  # the subject's position in the token store (subject_ids.npy)
 
 
 @dataclass
@@ -50,8 +52,11 @@ class Draw:
         return [p.subject_id for p in self.pieces]
 
     def meta(self) -> dict:
+        # subject_ids stay in memory (tests and callers check provenance with them); what is written to
+        # disk is subject_indices, positions in the store, which name no one outside it (issue 8, privacy).
         return {
             "subject_ids": self.subject_ids,
+            "subject_indices": [p.subject_index for p in self.pieces],
             "pieces": [(p.subject_id, p.start, p.end) for p in self.pieces],
             "n_subjects": len(self.pieces),
             "n_separators": int(len(self.separators)),
@@ -131,7 +136,7 @@ class Haystack:
                 t = t - t[0] + base  # the next subject starts where the previous piece ended
             tokens.append(np.asarray(tokens_all[a + start : a + end], dtype=np.int64))
             times.append(t)
-            pieces.append(Piece(int(ids[subj]), start, end))
+            pieces.append(Piece(int(ids[subj]), start, end, subj))
             base = float(t[-1])
             remaining -= end - start
         return Draw(

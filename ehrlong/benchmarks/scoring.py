@@ -64,7 +64,9 @@ def score_samples(model, samples: Sequence[Sample], tokens_per_batch: int = 65_5
                     "n_subjects": s.meta["n_subjects"],
                     "n_separators": s.meta["n_separators"],
                     "repeated_subjects": s.meta["repeated_subjects"],
-                    "subject_ids": list(s.meta["subject_ids"]),
+                    # Positions in the token store, not subject ids: per_sample.parquet is an output
+                    # folder's file, and no subject identifier leaves the data (issue 8, privacy).
+                    "subject_indices": list(s.meta["subject_indices"]),
                 }
             )
         i = j
@@ -103,7 +105,7 @@ _NOT_METRICS = {
     "n_separators",
     "repeated_subjects",
     "finetuned",
-    "subject_ids",
+    "subject_indices",
 }
 
 

@@ -6,8 +6,15 @@ recent L tokens, the part a prediction at the end of the record would see). Wind
 micro-batches whose padded size B x T_max stays within a token budget; packing windows of similar
 length together keeps padding small (the issue asks <= 10% on the synthetic cohort).
 
-The plan is a pure function of (store, L, budget, seed, epoch), so `resume` can skip exactly the
-micro-batches already consumed: position = global_step * micro_batches_per_step.
+The plan is a pure function of (store, L, budget, seed, epoch, rank, world size), so `resume` can skip
+exactly the micro-batches already consumed: position = global_step * micro_batches_per_step.
+
+Distributed training (issue 8) shards by subject: each rank owns a fixed, disjoint set of train subjects
+(balanced by token count) and plans its epochs over its own windows only, so no subject is seen twice
+per epoch and a rank reads only its own subjects' slices of the memory-mapped store. Ranks must take
+the same number of micro-batches per step, so every rank's epoch is cut to the shortest rank's length
+(the few micro-batches cut are different ones each epoch, since every epoch is reshuffled). With one
+rank nothing is cut and the plan is the single-process plan.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ehrlong.errors import DataError
 
 
 @dataclass
@@ -143,47 +152,119 @@ def collate(
     )
 
 
+def shard_subjects(offsets: np.ndarray, subjects: np.ndarray, world_size: int) -> list[np.ndarray]:
+    """Split `subjects` (store indices) into `world_size` disjoint shards of about equal token count:
+    longest subject first onto the lightest shard (LPT). Deterministic; each shard ascending."""
+    if world_size == 1:
+        return [subjects]
+    n_tokens = offsets[subjects + 1] - offsets[subjects]
+    load = np.zeros(world_size, dtype=np.int64)
+    owner = np.empty(len(subjects), dtype=np.int64)
+    for i in np.argsort(-n_tokens, kind="stable"):
+        rank = int(np.argmin(load))  # ties go to the lowest rank
+        owner[i] = rank
+        load[rank] += n_tokens[i]
+    return [np.sort(subjects[owner == r]) for r in range(world_size)]
+
+
 class TrainBatches(torch.utils.data.IterableDataset):
     """Endless stream of training micro-batches, epoch after epoch, starting at micro-batch `start`.
 
-    Each group of `per_step` consecutive micro-batches forms one optimizer step and carries that step's
-    number of next-token targets (see EventBatch.step_targets).
+    Each group of `per_step` consecutive micro-batches forms one optimizer step on this rank and carries
+    the number of next-token targets of the whole step on all ranks (see EventBatch.step_targets).
+    `shard(rank, world_size)` picks the rank's subjects; `ranks` lists the shards this process iterates
+    (one in a distributed run; every shard, one step's group after the other, reproduces a multi-rank run
+    in one process, which is how tests hold DDP to a single process).
     """
 
     def __init__(self, store, split: str, length: int, budget: int, per_step: int, seed: int, start: int = 0):
         super().__init__()
         self.tokens, self.times, self.offsets = store.tokens, store.times, store.offsets
-        self.windows = subject_windows(self.offsets, store.split_indices(split), length)
-        if len(self.windows) == 0:
-            raise ValueError(f"the {split} split of the token store has no tokens to train on")
+        self.split, self.length = split, length
+        self.subjects = store.split_indices(split)
         self.budget, self.per_step, self.seed, self.start = budget, per_step, seed, start
+        self.shard(0, 1)
 
-    def micro_batches(self) -> Iterator[np.ndarray]:
+    def shard(self, rank: int, world_size: int) -> None:
+        shards = shard_subjects(self.offsets, self.subjects, world_size)
+        self.shard_windows = [subject_windows(self.offsets, s, self.length) for s in shards]
+        empty = [r for r, w in enumerate(self.shard_windows) if len(w) == 0]
+        if world_size == 1 and empty:
+            raise DataError(
+                f"the {self.split} split of the token store has no tokens to train on; check the dataset's "
+                "metadata/subject_splits.parquet."
+            )
+        if empty:
+            raise DataError(
+                f"the {self.split} split has {len(self.subjects)} subject(s) with tokens for {world_size} "
+                f"rank(s): rank(s) {empty} would get no subject. Every rank needs its own subjects; use at "
+                f"most {world_size - len(empty)} devices x nodes, or more data."
+            )
+        self.world_size, self.ranks = world_size, (rank,)
+
+    @property
+    def windows(self) -> np.ndarray:
+        """The windows this process trains on (all of them in a single-process run)."""
+        return np.concatenate([self.shard_windows[r] for r in self.ranks])
+
+    def micro_batches(self) -> Iterator[tuple[np.ndarray, ...]]:
+        """Micro-batch after micro-batch, each as a tuple with every rank's (rank r's at index r)."""
         epoch = 0
         while True:
-            yield from plan_epoch(self.windows, self.budget, self.seed, epoch)
+            plans = [plan_epoch(w, self.budget, self.seed, epoch) for w in self.shard_windows]
+            # Ranks step together: each takes as many micro-batches per epoch as the shortest rank.
+            yield from zip(*plans, strict=False)
             epoch += 1
 
     def __iter__(self) -> Iterator[EventBatch]:
-        lengths = self.windows[:, 2] - self.windows[:, 1]
+        lengths = [w[:, 2] - w[:, 1] for w in self.shard_windows]
+        # Every rank's plan is made here (cheap: no gathering) to know the whole step's targets.
         stream = self.micro_batches()
-        for _ in range(self.start):  # resume: skip what earlier steps consumed (cheap: no gathering)
+        for _ in range(self.start):  # resume: skip what earlier steps consumed
             next(stream)
         while True:
             group = [next(stream) for _ in range(self.per_step)]
-            step_targets = int(sum(np.maximum(lengths[g] - 1, 0).sum() for g in group))
-            for rows in group:
-                yield collate(self.tokens, self.times, self.offsets, self.windows, rows, step_targets)
+            step_targets = int(
+                sum(
+                    np.maximum(lengths[r][batch[r]] - 1, 0).sum()
+                    for batch in group
+                    for r in range(len(batch))
+                )
+            )
+            for r in self.ranks:
+                for batch in group:
+                    yield collate(
+                        self.tokens, self.times, self.offsets, self.shard_windows[r], batch[r], step_targets
+                    )
 
 
 class EvalBatches(torch.utils.data.Dataset):
-    """Every token of a split exactly once, in end-aligned windows of length L (validation)."""
+    """Every token of a split exactly once, in end-aligned windows of length L (validation).
+
+    `shard(rank, world_size)` keeps every world_size-th window (longest first), so each rank gets a
+    share of about equal size and at least one window: validation has no per-batch collective, but every
+    rank must reach the epoch-end reduction (EHRLitModule.on_validation_epoch_end).
+    """
 
     def __init__(self, store, split: str, length: int, budget: int):
         self.tokens, self.times, self.offsets = store.tokens, store.times, store.offsets
-        self.windows = subject_windows(self.offsets, store.split_indices(split), length)
+        self.split, self.budget = split, budget
+        self.all_windows = subject_windows(self.offsets, store.split_indices(split), length)
+        self.shard(0, 1)
+
+    def shard(self, rank: int, world_size: int) -> None:
+        if world_size == 1:
+            self.windows = self.all_windows
+        elif len(self.all_windows) < world_size:
+            raise DataError(
+                f"the {self.split} split has {len(self.all_windows)} validation window(s) for {world_size} "
+                "rank(s); every rank needs at least one. Use fewer devices x nodes, or more tuning subjects."
+            )
+        else:
+            lengths = self.all_windows[:, 2] - self.all_windows[:, 1]
+            self.windows = self.all_windows[np.argsort(-lengths, kind="stable")[rank::world_size]]
         lengths = self.windows[:, 2] - self.windows[:, 1]
-        self.batches = pack(lengths, budget, np.argsort(-lengths, kind="stable"))
+        self.batches = pack(lengths, self.budget, np.argsort(-lengths, kind="stable"))
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -5,17 +5,23 @@ A MEDS root (DESIGN.md §3) holds `data/**/*.parquet` (one row per measurement: 
 `codes.parquet`, `dataset.json` and `subject_splits.parquet`. Column names and split names come from
 the `meds` package so we follow the standard rather than restate it.
 
-This module only reads. `ehrlong.data.validate` checks a root thoroughly and explains what is wrong.
+This module only reads. `ehrlong.data.validate` checks a root thoroughly and explains what is wrong;
+reading still checks what it must to read faithfully (issue 8): every shard's parquet footer (a file that
+is not parquet or was cut short), its required columns and their types, each an error naming the file,
+the column and the fix, before polars is asked for a single value.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import meds
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ehrlong.errors import DataError
 
@@ -37,6 +43,73 @@ EVENT_SCHEMA = {
     NUMERIC_VALUE: pl.Float32,
     TEXT_VALUE: pl.String,
 }
+
+
+REQUIRED_COLUMNS = (SUBJECT_ID, TIME, CODE)
+
+
+def _is_string(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _is_string(t.value_type)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+# On-disk types read into the MEDS type by a cast that keeps every value (float64 -> float32 rounds, as
+# MEDS prescribes float32; a value beyond float32's range then shows up as non-finite).
+READABLE_TYPES: dict[str, Callable[[pa.DataType], bool]] = {
+    SUBJECT_ID: pa.types.is_integer,
+    TIME: lambda t: pa.types.is_timestamp(t) or pa.types.is_date(t),
+    CODE: _is_string,
+    NUMERIC_VALUE: lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t),
+    TEXT_VALUE: lambda t: _is_string(t) or pa.types.is_null(t),
+    SPLIT: _is_string,
+}
+
+TYPE_FIXES = {
+    SUBJECT_ID: "write integer subject ids (int64)",
+    TIME: "parse times to timestamp[us] in the ETL (null only for static events)",
+    CODE: "write codes as strings",
+    NUMERIC_VALUE: "write numeric values as float32 (null where there is none), words in text_value",
+    TEXT_VALUE: "write text values as strings",
+    SPLIT: "write split names as strings (train, tuning, held_out)",
+}
+
+
+def read_footer(path: str | Path) -> pq.FileMetaData:
+    """A parquet file's footer (schema, row count), or a DataError naming the file: one that is not
+    parquet, or was cut short by an interrupted copy, has no readable footer."""
+    try:
+        return pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(
+            f"{path} is not a readable parquet file ({first}). It may be truncated by an interrupted copy "
+            "or download, or not be parquet at all; copy it again or re-run the ETL that wrote it."
+        ) from None
+
+
+def read_parquet_schema(path: str | Path) -> pa.Schema:
+    """The arrow schema of a parquet file; DataError naming the file when it cannot be read."""
+    return read_footer(path).schema.to_arrow_schema()
+
+
+def check_columns(path: str | Path, schema: pa.Schema, required: tuple[str, ...], what: str) -> None:
+    """DataError for a missing required column or a column of a type ehrlong cannot read as MEDS."""
+    present = ", ".join(schema.names)
+    for col in required:
+        if col not in schema.names:
+            raise DataError(
+                f"{path}: required column {col!r} is missing (columns present: {present}). {what} needs "
+                f"{', '.join(required)}; rename or add the column in the ETL (python -m ehrlong.data "
+                "validate data=ROOT checks a whole dataset)."
+            )
+    for col in schema.names:
+        readable = READABLE_TYPES.get(col)
+        if readable is not None and not readable(schema.field(col).type):
+            raise DataError(
+                f"{path}: column {col!r} has type {schema.field(col).type}, which cannot be read as its MEDS "
+                f"type; {TYPE_FIXES[col]}."
+            )
 
 
 def data_files(root: str | Path) -> list[Path]:
@@ -63,13 +136,18 @@ def data_files(root: str | Path) -> list[Path]:
 
 def has_text_value(root: str | Path) -> bool:
     """Whether the shards carry a `text_value` column (the first shard decides; validate checks all)."""
-    return TEXT_VALUE in pl.read_parquet_schema(data_files(root)[0])
+    return TEXT_VALUE in read_parquet_schema(data_files(root)[0]).names
 
 
 def scan_shard(path: str | Path, with_text: bool = True) -> pl.LazyFrame:
-    """One shard's core columns in EVENT_SCHEMA, in file order; absent optional columns come back null."""
+    """One shard's core columns in EVENT_SCHEMA, in file order; absent optional columns come back null.
+
+    The footer is read here, eagerly: an unreadable file, a missing required column or an unreadable
+    column type is a DataError naming the file now, not a polars error when the frame is collected."""
+    schema = read_parquet_schema(path)
+    check_columns(path, schema, REQUIRED_COLUMNS, "A MEDS data shard")
     lf = pl.scan_parquet(path)
-    names = lf.collect_schema().names()
+    names = schema.names
     cols = [pl.col(c) for c in (SUBJECT_ID, TIME, CODE) if c in names]
     optional = (NUMERIC_VALUE, TEXT_VALUE) if with_text else (NUMERIC_VALUE,)
     cols += [pl.col(c) if c in names else pl.lit(None).alias(c) for c in optional]
@@ -121,7 +199,13 @@ def scan_events(root: str | Path, with_text: bool = True, sort: bool = True) -> 
     slower than reading them). `python -m ehrlong.data validate` says which shards were out of order.
     `sort=False` returns the shards as they are on disk, in path order.
     """
-    shards = [scan_shard(path, with_text) for path in data_files(root)]
+    files = data_files(root)
+    shards = [scan_shard(path, with_text) for path in files]
+    if not sum(read_footer(p).num_rows for p in files):
+        raise DataError(
+            f"the {len(files)} shard(s) under {Path(root) / meds.data_subdirectory} hold no events. Check the "
+            "path, or re-run the ETL that should have written them."
+        )
     if sort:
         shards = _in_meds_order(shards)
     return pl.concat(shards, how="vertical")
@@ -155,9 +239,16 @@ def read_splits(root: str | Path) -> pl.DataFrame:
     root = Path(root)
     path = root / meds.subject_splits_filepath
     if path.is_file():
-        splits = pl.read_parquet(path, columns=[SUBJECT_ID, SPLIT]).cast(
-            {SUBJECT_ID: pl.Int64, SPLIT: pl.String}
-        )
+        check_columns(path, read_parquet_schema(path), (SUBJECT_ID, SPLIT), "A MEDS split file")
+        try:
+            splits = pl.read_parquet(path, columns=[SUBJECT_ID, SPLIT]).cast(
+                {SUBJECT_ID: pl.Int64, SPLIT: pl.String}
+            )
+        except (pl.exceptions.ComputeError, OSError) as e:  # a footer that reads, pages that do not
+            raise DataError(
+                f"{path} could not be read ({str(e).splitlines()[0]}). The file may be corrupt; write it "
+                "again, or delete it to split subjects 80/10/10 by a hash of their id."
+            ) from None
         return splits.unique(SUBJECT_ID, keep="first", maintain_order=True)
     ids = (
         scan_events(root, with_text=False, sort=False)

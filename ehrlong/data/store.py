@@ -98,14 +98,21 @@ def build_store(
     out: str | Path | None = None,
     implementation: str = "vectorised",
     progress: bool = True,
+    tokenizer: EventTokenizer | None = None,
 ) -> BuildResult:
-    """Read a MEDS root, fit the recipe on its train subjects, encode every subject, write the store."""
+    """Read a MEDS root, fit the recipe on its train subjects, encode every subject, write the store.
+
+    With `tokenizer` (one already fitted, e.g. a trained run's tokenizer.json) nothing is fitted: the
+    data is encoded with that vocabulary, so a run can be applied to a dataset it never saw; codes it
+    does not know become UNK and are counted per split in meta.json, as always."""
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(
             f"unknown tokenizer implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}."
         )
     recipe = recipe if isinstance(recipe, TokenizerRecipe) else load_recipe(recipe)
-    out = Path(out) if out else default_store_dir(data_root, recipe)
+    if tokenizer is not None:
+        recipe = tokenizer.recipe
+    out = Path(out) if out else default_store_dir(data_root, recipe, tokenizer)
     fit, encode = IMPLEMENTATIONS[implementation]
     seconds: dict[str, float] = {}
     with tqdm(total=4, desc="tokenize", unit="stage", disable=not progress) as bar:
@@ -116,12 +123,14 @@ def build_store(
         events = collect_events(scan_events(data_root, sort=False))
         splits = read_splits(data_root)
         clock.start("fit")
-        train_ids = _train_subjects(splits, data_root)
-        tokenizer = fit(events, train_ids, recipe)
+        fitted_here = tokenizer is None
+        if fitted_here:
+            tokenizer = fit(events, _train_subjects(splits, data_root), recipe)
         clock.start("encode")
         encoded = encode(tokenizer, events, splits)
         clock.start("write")
         meta = _meta(data_root, recipe, tokenizer, encoded, splits, implementation)
+        meta["tokenizer"]["fitted_here"] = fitted_here
         write_store(out, encoded, tokenizer, meta)
         clock.start(None)
     return BuildResult(out, meta, seconds)
@@ -265,20 +274,31 @@ def source_fingerprint(data_root: str | Path) -> str:
     return hashlib.sha256(json.dumps([str(root), stats]).encode()).hexdigest()
 
 
-def default_store_dir(data_root: str | Path, recipe: TokenizerRecipe) -> Path:
+def default_store_dir(
+    data_root: str | Path, recipe: TokenizerRecipe, tokenizer: EventTokenizer | None = None
+) -> Path:
+    """Cache folder of a store: keyed by the data's fingerprint and the recipe (fitted here), or by the
+    given tokenizer's hash (encoded with a vocabulary fitted elsewhere)."""
+    vocabulary = recipe_hash(recipe) if tokenizer is None else f"tokenizer:{tokenizer.hash}"
     key = hashlib.sha256(
-        f"{source_fingerprint(data_root)}|{recipe_hash(recipe)}|{FORMAT_VERSION}|{TOKENIZER_FORMAT_VERSION}".encode()
+        f"{source_fingerprint(data_root)}|{vocabulary}|{FORMAT_VERSION}|{TOKENIZER_FORMAT_VERSION}".encode()
     ).hexdigest()[:12]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset_name(data_root)).strip("_") or "dataset"
     return cache_root() / "stores" / f"{name}-{recipe.name}-{key}"
 
 
-def ensure_store(data_root: str | Path, recipe_name: str = "cehr", progress: bool = True) -> Path:
-    """The store for (dataset, recipe), built on first use and reused while the data is unchanged."""
-    recipe = load_recipe(recipe_name)
-    out = default_store_dir(data_root, recipe)
+def ensure_store(
+    data_root: str | Path,
+    recipe_name: str = "cehr",
+    progress: bool = True,
+    tokenizer: EventTokenizer | None = None,
+) -> Path:
+    """The store for (dataset, recipe), or (dataset, fitted tokenizer), built on first use and reused
+    while the data is unchanged."""
+    recipe = load_recipe(recipe_name) if tokenizer is None else tokenizer.recipe
+    out = default_store_dir(data_root, recipe, tokenizer)
     if not (out / META_FILE).is_file():
-        build_store(data_root, recipe, out, progress=progress)
+        build_store(data_root, recipe, out, progress=progress, tokenizer=tokenizer)
     return out
 
 

@@ -36,7 +36,6 @@ events, subjects without MEDS_BIRTH, codes missing from `metadata/codes.parquet`
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,15 +50,19 @@ from ehrlong.config import MISSING
 from ehrlong.data.meds import (
     CODE,
     NUMERIC_VALUE,
+    READABLE_TYPES,
     SPLIT,
     SPLITS,
     SUBJECT_ID,
     TEXT_VALUE,
     TIME,
+    TYPE_FIXES,
+    _is_string,
     data_files,
     dataset_name,
     hash_splits,
     out_of_order,
+    read_parquet_schema,
     scan_shard,
 )
 from ehrlong.errors import ConfigError, DataError
@@ -123,46 +126,8 @@ class ValidationReport:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _is_string(t: pa.DataType) -> bool:
-    if pa.types.is_dictionary(t):
-        return _is_string(t.value_type)
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
-
-def _is_null(t: pa.DataType) -> bool:
-    return pa.types.is_null(t)
-
-
-# Types read into the MEDS type by a cast that keeps every value (float64 -> float32 rounds, as MEDS
-# prescribes float32; a value beyond float32's range then shows up as non-finite, which is fatal).
-READABLE_TYPES: dict[str, Callable[[pa.DataType], bool]] = {
-    SUBJECT_ID: pa.types.is_integer,
-    TIME: lambda t: pa.types.is_timestamp(t) or pa.types.is_date(t),
-    CODE: _is_string,
-    NUMERIC_VALUE: lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or _is_null(t),
-    TEXT_VALUE: lambda t: _is_string(t) or _is_null(t),
-    SPLIT: _is_string,
-}
-
-TYPE_FIXES = {
-    SUBJECT_ID: "write integer subject ids (int64)",
-    TIME: "parse times to timestamp[us] in the ETL (null only for static events)",
-    CODE: "write codes as strings",
-    NUMERIC_VALUE: "write numeric values as float32 (null where there is none), words in text_value",
-    TEXT_VALUE: "write text values as strings",
-    SPLIT: "write split names as strings (train, tuning, held_out)",
-}
-
-
 def _read_arrow_schema(path: Path) -> pa.Schema:
-    try:
-        return pq.read_schema(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(
-            f"{path} is not a readable parquet file ({str(e).splitlines()[0]}). It may be truncated by an "
-            "interrupted copy or download, or not be parquet at all; copy it again or re-run the ETL that "
-            "wrote it."
-        ) from None
+    return read_parquet_schema(path)
 
 
 def _schema_findings(schema: pa.Schema, meds_schema: type) -> tuple[list[str], list[str]]:

@@ -175,6 +175,7 @@ def resolve_tasks(tasks: str | Sequence[str], data_root: str | Path) -> list[str
 
     Each name is checked (an unknown one lists the valid ones); paths to `.yaml` configs pass through.
     """
+    data_files(data_root)  # a root that does not exist, or holds no data/, says so before tasks are listed
     if isinstance(tasks, str):
         if tasks.strip() == "all":
             found = list_tasks(data_root)
@@ -341,7 +342,13 @@ def load_task_config(task_file: str | Path):
     """The parsed ACES `TaskExtractorConfig`; ConfigError with the file and ACES's message if invalid."""
     from aces.config import TaskExtractorConfig  # es-aces imports hydra: keep it out of module import
 
+    from ehrlong.config import load_yaml_mapping
+
     path = Path(task_file)
+    # YAML syntax first, with the line it stops at (ACES's own message for it has no line number).
+    load_yaml_mapping(
+        path, "task config", "See https://eventstreamaces.readthedocs.io for the task language."
+    )
     try:
         cfg = TaskExtractorConfig.load(config_path=path)
     except Exception as e:  # ACES raises ValueError, KeyError, TypeError, ... for a bad config

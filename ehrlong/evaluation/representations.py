@@ -10,24 +10,25 @@ later token and checks the vectors do not move).
 from __future__ import annotations
 
 import hashlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from ehrlong.backbones import build_backbone
-from ehrlong.config import TrainConfig, parse
+from ehrlong.config import TrainConfig, load_yaml_mapping, parse
 from ehrlong.data.batching import collate
 from ehrlong.data.store import TokenStore
-from ehrlong.errors import ConfigError, DataError
+from ehrlong.errors import ConfigError, DataError, first_line
 from ehrlong.module import EHRLitModule
 from ehrlong.tokenizer import EventTokenizer
 
 EPOCH = np.datetime64("1970-01-01T00:00:00", "us")
+TRAIN_PROG = "python -m ehrlong.train"
 
 
 def default_tokens_per_batch(device: torch.device | str) -> int:
@@ -63,9 +64,25 @@ def load_run(run_dir: str | Path) -> LoadedRun:
             "python -m ehrlong.train (runs/<config>/<timestamp>/)."
         )
     path = run_dir / "config.yaml"
-    cfg = parse(TrainConfig, [], base=(path, yaml.safe_load(path.read_text()) or {}))
+    saved = load_yaml_mapping(
+        path, "run config", f"Restore the config.yaml {TRAIN_PROG} wrote for this run, or retrain."
+    )
+    cfg = parse(TrainConfig, [], base=(path, saved))
     tokenizer = EventTokenizer.load(run_dir / "tokenizer.json")
-    ckpt = torch.load(run_dir / "model.ckpt", map_location="cpu", weights_only=True)
+    try:
+        # weights_only: a checkpoint is data; one that carries code is refused, never run.
+        ckpt = torch.load(run_dir / "model.ckpt", map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise DataError(
+            f"{run_dir / 'model.ckpt'} cannot be read with torch.load(weights_only=True) ({first_line(e)}): "
+            f"it is damaged, or was not written by {TRAIN_PROG} (a checkpoint carrying code is refused, never "
+            "run). Copy the run directory again or retrain."
+        ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise DataError(
+            f"{run_dir / 'model.ckpt'} holds no state_dict; it was not written by {TRAIN_PROG} "
+            "(checkpoints/last.ckpt is Lightning's resume file, not a model). Retrain, or copy the run again."
+        )
     module = EHRLitModule(
         build_backbone(cfg, tokenizer.vocab_size),
         tokenizer.vocab_size,
@@ -74,7 +91,20 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         cfg.context_length,
         cfg.model.tie_embeddings,
     )
-    module.load_state_dict(ckpt["state_dict"])
+    if ckpt.get("tokenizer_hash") != tokenizer.hash:
+        raise ConfigError(
+            f"run={run_dir}: model.ckpt was trained with tokenizer {str(ckpt.get('tokenizer_hash'))[:12]} but "
+            f"tokenizer.json is {tokenizer.hash[:12]}: its token ids would mean other codes. Put back the "
+            "tokenizer.json written with this checkpoint (or the checkpoint of this tokenizer)."
+        )
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise DataError(
+            f"{run_dir / 'model.ckpt'} does not fit the model {run_dir / 'config.yaml'} describes "
+            f"({first_line(e)}). "
+            "Put back the config.yaml written with this checkpoint."
+        ) from None
     return LoadedRun(run_dir, cfg, module.eval(), tokenizer, ckpt["tokenizer_hash"])
 
 
@@ -96,18 +126,21 @@ def data_root(data: str | None, runs: list[LoadedRun]) -> Path:
 
 
 def store_for_run(run: LoadedRun, root: Path) -> TokenStore:
-    """The token store of `root` under the run's tokenizer recipe; refuses a store whose token ids would
-    mean other codes than the run learned (a tokenizer fit on another dataset)."""
-    from ehrlong.data.store import ensure_store
+    """The token store of `root` in the run's vocabulary.
 
-    store = TokenStore.open(ensure_store(root, run.cfg.data.tokenizer, progress=False))
-    if store.tokenizer.hash != run.tokenizer_hash:
-        raise ConfigError(
-            f"run {run.run_dir} was trained with another tokenizer than the one ehrlong fits on {root} "
-            f"({run.cfg.data.tokenizer} recipe): its token ids would mean other codes there. Use a run on "
-            "the dataset it was trained on (data= defaults to it)."
-        )
-    return store
+    On the run's own dataset that is the store training used (the recipe fitted on its train split).
+    On any other dataset, or when that store's fitted vocabulary differs, `root` is encoded with the
+    run's tokenizer.json: a refit would give token ids that mean other codes than the run learned.
+    Codes the run never saw become UNK and are counted in the store's meta.json."""
+    from ehrlong.data.store import META_FILE, default_store_dir, ensure_store
+    from ehrlong.tokenizer import load_recipe
+
+    fitted = default_store_dir(root, load_recipe(run.cfg.data.tokenizer))
+    if (fitted / META_FILE).is_file():
+        store = TokenStore.open(fitted)
+        if store.tokenizer.hash == run.tokenizer_hash:
+            return store
+    return TokenStore.open(ensure_store(root, progress=False, tokenizer=run.tokenizer))
 
 
 @dataclass
