@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +45,9 @@ class Args:
     finetune_steps: int = 200  # probe fine-tune of the retrieval tasks; 0 = score them zero-shot
     finetune_lr: float = 1e-3
     finetune_tokens: int = 32_768  # tokens per fine-tune step (samples = this // sample length)
+    # Longest fine-tune sample; null = the run's context length. A shorter cap (cheap on a CPU) teaches
+    # retrieval on short samples only, and the test lengths then measure how far it carries.
+    finetune_max_length: int | None = None
     seed: int = 0  # same seed: same samples, same fine-tune, same scores
     split: str = "held_out"  # subjects whose timelines make the test haystacks
     finetune_split: str = "train"  # subjects whose timelines make the fine-tune haystacks
@@ -97,6 +99,15 @@ def check_args(args: Args):
             f"finetune_lr={args.finetune_lr}, finetune_tokens={args.finetune_tokens}, "
             f"tokens_per_batch={args.tokens_per_batch}: each must be > 0."
         )
+    if args.finetune_max_length is not None:
+        trainable = [t for t in tasks if t.trainable]
+        need = max((t.min_length() for t in trainable), default=1)
+        if args.finetune_max_length < need:
+            raise ConfigError(
+                f"finetune_max_length={args.finetune_max_length}: the retrieval tasks asked for "
+                f"({', '.join(t.name for t in trainable)}) need samples of >= {need} tokens; use "
+                f"finetune_max_length >= {need}, or null for the run's context length."
+            )
     for key in ("split", "finetune_split"):
         if getattr(args, key) not in SPLITS:
             raise ConfigError(f"{key}={getattr(args, key)!r}: valid splits are {', '.join(SPLITS)}.")
@@ -159,6 +170,39 @@ def _log_mlflow(
     return True
 
 
+def _save_finetuned(tmp: Path, tuned, run, trainable, args: Args, max_length: int) -> None:
+    """The fine-tuned weights (never the run's own model.ckpt) and the fine-tune's loss log."""
+    import torch
+
+    torch.save(
+        {
+            "state_dict": tuned.module.state_dict(),
+            "base_run": str(run.run_dir),
+            "tokenizer_hash": run.tokenizer_hash,
+            "tasks": [t.name for t in trainable],
+            "steps": args.finetune_steps,
+            "seed": args.seed,
+        },
+        tmp / "finetuned.ckpt",
+    )
+    (tmp / "finetune.json").write_text(
+        json.dumps(
+            {
+                "steps": args.finetune_steps,
+                "lr": args.finetune_lr,
+                "tokens_per_step": args.finetune_tokens,
+                "max_length": max_length,
+                "split": args.finetune_split,
+                "seconds": tuned.seconds,
+                "loss": tuned.losses,
+                "length": tuned.lengths,
+                "task": tuned.tasks,
+            },
+            indent=1,
+        )
+    )
+
+
 def benchmark(args: Args) -> Path:
     import torch
     from tqdm.auto import tqdm
@@ -173,12 +217,14 @@ def benchmark(args: Args) -> Path:
         store_for_run,
     )
     from ehrlong.paths import runs_root
+    from ehrlong.safety import atomic_folder
 
     tasks = check_args(args)
     device = _device(args.device)
     run = load_run(args.run)
     probes = ProbeTokens.of(run.tokenizer)
     trainable = [t for t in tasks if t.trainable]
+    finetune_length = min(args.finetune_max_length or run.context_length, run.context_length)
     if trainable and args.finetune_steps > 0:
         too_long = [t for t in trainable if t.min_length() > run.context_length]
         if too_long:
@@ -201,7 +247,7 @@ def benchmark(args: Args) -> Path:
     base = run.module.to(device).eval()
     tuned = None
     if trainable and args.finetune_steps > 0:
-        lo, hi = finetune_lengths(trainable, run.context_length)
+        lo, hi = finetune_lengths(trainable, finetune_length)
         print(
             f"  probe fine-tune: {args.finetune_steps} steps on {', '.join(t.name for t in trainable)}, "
             f"lengths {lo:,}-{hi:,}, {args.finetune_split} haystacks"
@@ -210,7 +256,7 @@ def benchmark(args: Args) -> Path:
             base,
             trainable,
             Haystack(store, args.finetune_split),
-            run.context_length,
+            finetune_length,
             args.finetune_steps,
             args.finetune_tokens,
             args.finetune_lr,
@@ -234,46 +280,6 @@ def benchmark(args: Args) -> Path:
     effective = effective_table(per_length)
     seconds = time.perf_counter() - t0
 
-    out = (
-        Path(args.out) if args.out else runs_root() / "benchmarks" / datetime.now().strftime("%Y%m%d-%H%M%S")
-    )
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    results.write_parquet(tmp / "results.parquet")
-    results.write_csv(tmp / "results.csv")
-    per_length.write_csv(tmp / "by_length.csv")
-    effective.write_csv(tmp / "effective_length.csv")
-    pl.from_dicts(rows, infer_schema_length=None).write_parquet(tmp / "per_sample.parquet")
-    eff = dict(effective.select("task", "effective_length").iter_rows())
-    plots = [heatmap(results, t.name, tmp / f"heatmap_{t.name}.png", eff.get(t.name)) for t in tasks]
-    if tuned is not None:
-        torch.save(
-            {
-                "state_dict": tuned.module.state_dict(),
-                "base_run": str(run.run_dir),
-                "tokenizer_hash": run.tokenizer_hash,
-                "tasks": [t.name for t in trainable],
-                "steps": args.finetune_steps,
-                "seed": args.seed,
-            },
-            tmp / "finetuned.ckpt",
-        )
-        (tmp / "finetune.json").write_text(
-            json.dumps(
-                {
-                    "steps": args.finetune_steps,
-                    "lr": args.finetune_lr,
-                    "tokens_per_step": args.finetune_tokens,
-                    "split": args.finetune_split,
-                    "seconds": tuned.seconds,
-                    "loss": tuned.losses,
-                    "length": tuned.lengths,
-                    "task": tuned.tasks,
-                },
-                indent=1,
-            )
-        )
     n_concat = sum(r["n_subjects"] > 1 for r in rows)
     header = [
         f"benchmark of {run.cfg.config_name} ({run.run_dir}), context length {run.context_length:,}, "
@@ -283,7 +289,7 @@ def benchmark(args: Args) -> Path:
         "retrieval tasks: "
         + (
             f"after a {args.finetune_steps}-step probe fine-tune (finetuned.ckpt; lengths <= "
-            f"{run.context_length:,})"
+            f"{finetune_length:,})"
             if tuned is not None
             else "zero-shot (no probe fine-tune)"
         )
@@ -293,10 +299,21 @@ def benchmark(args: Args) -> Path:
     if beyond:
         header.append(f"lengths beyond the training context: {', '.join(f'{n:,}' for n in beyond)}")
     text = summary(results, per_length, effective, header) + "\n"
-    (tmp / "summary.txt").write_text(text)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # all or nothing: a failed benchmark leaves no half-written folder
+
+    out = (
+        Path(args.out) if args.out else runs_root() / "benchmarks" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    )
+    with atomic_folder(out) as tmp:  # all or nothing: a failed benchmark leaves no half-written folder
+        results.write_parquet(tmp / "results.parquet")
+        results.write_csv(tmp / "results.csv")
+        per_length.write_csv(tmp / "by_length.csv")
+        effective.write_csv(tmp / "effective_length.csv")
+        pl.from_dicts(rows, infer_schema_length=None).write_parquet(tmp / "per_sample.parquet")
+        eff = dict(effective.select("task", "effective_length").iter_rows())
+        plots = [heatmap(results, t.name, tmp / f"heatmap_{t.name}.png", eff.get(t.name)) for t in tasks]
+        if tuned is not None:
+            _save_finetuned(tmp, tuned, run, trainable, args, finetune_length)
+        (tmp / "summary.txt").write_text(text)
     files = [out / p.name for p in plots] + [
         out / n for n in ("results.csv", "effective_length.csv", "summary.txt")
     ]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from ehrlong.config import TrackingConfig, parse
 from ehrlong.errors import ConfigError, DataError, run_cli
 from ehrlong.evaluate import STRATA
 from ehrlong.evaluation.metrics import DEFAULT_METRICS, HIGHER_IS_BETTER
+from ehrlong.safety import atomic_folder
 from ehrlong.tracking import TAG_KEYS
 
 PROG = "python -m ehrlong.compare"
@@ -757,10 +757,7 @@ def compare(args: Args) -> Comparison:
     table = long_table(sel, label, args.by)
     text = render(sel, args.metric, args.by, args.experiment, uri, args.length)
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:  # all or nothing: a failed comparison leaves no half-written folder
         table.write_csv(tmp / "comparison.csv")
         plots = [
             plot_overall(table, sel, args.metric, args.by, tmp / f"{label}_vs_{args.by}.png", args.length)
@@ -774,12 +771,6 @@ def compare(args: Args) -> Comparison:
         else:
             plots.append(strata)
         (tmp / "summary.txt").write_text(text + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)  # all or nothing: a failed comparison leaves no half-written folder
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     files = [out / "comparison.csv", out / "summary.txt", *(out / p.name for p in plots)]
 
     print(text)

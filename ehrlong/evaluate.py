@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -456,6 +455,7 @@ def evaluate(args: Args) -> Path:
         store_for_run,
     )
     from ehrlong.paths import cache_root, runs_root
+    from ehrlong.safety import atomic_folder
 
     if not args.run:
         raise ConfigError(f"give at least one run: {PROG} run=runs/<config>/<timestamp> [run=...]")
@@ -560,25 +560,24 @@ def evaluate(args: Args) -> Path:
     out = (
         Path(args.out) if args.out else runs_root() / "evaluations" / datetime.now().strftime("%Y%m%d-%H%M%S")
     )
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    results.write_parquet(tmp / "results.parquet")
-    results.write_csv(tmp / "results.csv")
-    if args.predictions:
-        preds.write_parquet(tmp / "predictions.parquet")
-    if comparisons.height:
-        comparisons.write_parquet(tmp / "comparisons.parquet")
-        comparisons.write_csv(tmp / "comparisons.csv")
-    summary = _summary(results, models)
-    notes.append(f"{n_dropped:,} label times without any token at or before them: not evaluated")
-    plots = _plots(results, models, tmp)
-    stages.done("write + plots")
-    text = f"{summary}\n\nlabels:\n" + "\n".join(f"  {n}" for n in notes) + f"\n\ntime: {stages.describe()}\n"
-    (tmp / "summary.txt").write_text(text)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # all or nothing: a failed evaluation leaves no half-written results folder
+    with atomic_folder(out) as tmp:  # all or nothing: a failed evaluation leaves no half-written folder
+        results.write_parquet(tmp / "results.parquet")
+        results.write_csv(tmp / "results.csv")
+        if args.predictions:
+            preds.write_parquet(tmp / "predictions.parquet")
+        if comparisons.height:
+            comparisons.write_parquet(tmp / "comparisons.parquet")
+            comparisons.write_csv(tmp / "comparisons.csv")
+        summary = _summary(results, models)
+        notes.append(f"{n_dropped:,} label times without any token at or before them: not evaluated")
+        plots = _plots(results, models, tmp)
+        stages.done("write + plots")
+        text = (
+            f"{summary}\n\nlabels:\n"
+            + "\n".join(f"  {n}" for n in notes)
+            + f"\n\ntime: {stages.describe()}\n"
+        )
+        (tmp / "summary.txt").write_text(text)
     files = [out / p.name for p in plots] + [out / "results.csv", out / "summary.txt"]
     if comparisons.height:
         files.append(out / "comparisons.csv")

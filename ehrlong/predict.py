@@ -134,10 +134,11 @@ def _now_queries(root: Path, store, split: str) -> pl.DataFrame:
     from ehrlong.data.meds import data_files, scan_shard
 
     idx = np.arange(store.n_subjects) if split == "all" else store.split_indices(split)
-    ids = pl.Series(np.asarray(store.subject_ids)[idx], dtype=pl.Int64)
+    wanted = pl.LazyFrame({"subject_id": np.asarray(store.subject_ids)[idx]}, schema={"subject_id": pl.Int64})
     parts = [
         scan_shard(path, with_text=False)
-        .filter(pl.col("subject_id").is_in(ids) & pl.col("time").is_not_null())
+        .filter(pl.col("time").is_not_null())
+        .join(wanted, on="subject_id", how="semi")
         .group_by("subject_id")
         .agg(pl.col("time").max())
         .collect()
@@ -222,6 +223,19 @@ def peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def release_memory(store) -> None:
+    """Give back what a finished batch of subjects left resident, so peak memory follows the batch and not
+    the number of subjects: the store pages read for its windows (still in the OS file cache), and the
+    activation buffers glibc keeps in its heap after they are freed (its mmap threshold rises as large
+    blocks are freed, so later ones come from the heap and fragment it; see the README's HMT note)."""
+    import ctypes
+
+    store.drop_resident_pages()
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only; elsewhere nothing to do
+    if trim is not None:
+        trim(0)
 
 
 def predict(args: Args) -> Path:
@@ -319,6 +333,8 @@ def predict(args: Args) -> Path:
                 )
                 writers[task].write_table(table)
             bar.update(int(np.sum((starts >= a) & (starts < b))))
+            del reps, win
+            release_memory(store)
     except BaseException:
         for w in writers.values():
             w.close()

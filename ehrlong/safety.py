@@ -24,8 +24,10 @@ shell's "terminated" status: the run is not finished, `resume=RUN_DIR` continues
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +69,25 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    import shutil
-
     atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+@contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """An empty `<out>.partial` folder to write a command's results into. When the block ends, it replaces
+    `out` in one rename; when the block fails it is deleted. Nobody ever sees a half-written `out`."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

@@ -108,6 +108,12 @@ class TokenizerRecipe:
     n_bins: int = 10  # numeric quantile bins per code (fewer when train values repeat)
     text_values: bool = True  # (code, text_value) tokens; false: text values are ignored (and counted)
     min_text_count: int = 5  # (code, text) pairs seen fewer times in train use the code's plain slot
+    # ... or seen in fewer train subjects. A text slot's string is saved in tokenizer.json, which travels
+    # with every run and its MLflow artifacts: at a real site, raise this (e.g. 5) so that a free-text
+    # value only a few patients have never becomes one; their events keep the code's plain slot. 1 keeps
+    # every recorded result reproducible (on the 100-patient MIMIC-IV demo, 5 would turn 1,111 of its
+    # 2,392 text values, mostly chart categories one ICU stay used, into plain slots).
+    min_text_subjects: int = 1
     n_probe_tokens: int = 64  # reserved [PROBE_i] tokens for long-context probes (needle-in-a-haystack)
     time_gaps: list[TimeGap] = field(default_factory=_cehr_gaps)  # [] = no time tokens (CLMBR-like)
 
@@ -156,7 +162,7 @@ def check_recipe(recipe: TokenizerRecipe, where: str = "the tokenizer recipe") -
     def bad(key: str, rule: str) -> ConfigError:
         return ConfigError(f"{key}={getattr(recipe, key)!r} in {where}: {rule}.")
 
-    for key in ("min_code_count", "n_bins", "min_text_count"):
+    for key in ("min_code_count", "n_bins", "min_text_count", "min_text_subjects"):
         if getattr(recipe, key) < 1:
             raise bad(key, "must be >= 1")
     if recipe.n_probe_tokens < 0:
@@ -175,6 +181,7 @@ def recipe_dict(recipe: TokenizerRecipe) -> dict:
 
 def recipe_from_dict(d: dict) -> TokenizerRecipe:
     d = dict(d)
+    d.setdefault("min_text_subjects", 1)  # saved before the field existed: pairs were kept by count only
     d["time_gaps"] = [TimeGap(**g) for g in d.get("time_gaps", [])]
     return TokenizerRecipe(**d)
 
@@ -364,8 +371,8 @@ class EventTokenizer:
         text_q = (
             train.filter(pl.col(TEXT_VALUE).is_not_null() & ~finite & in_vocab)
             .group_by(CODE, TEXT_VALUE)
-            .agg(pl.len().alias("n"))
-            .filter(pl.col("n") >= recipe.min_text_count)
+            .agg(pl.len().alias("n"), pl.col(SUBJECT_ID).n_unique().alias("subjects"))
+            .filter((pl.col("n") >= recipe.min_text_count) & (pl.col("subjects") >= recipe.min_text_subjects))
             .group_by(CODE)
             .agg(pl.col(TEXT_VALUE))
         )

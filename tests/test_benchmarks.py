@@ -378,6 +378,7 @@ def test_cli_end_to_end(trained):
         "samples=4",
         "finetune_steps=2",
         "finetune_tokens=512",
+        "finetune_max_length=96",  # below the run's context: train short, test at 96 and 192
         "seed=3",
         f"out={out}",
         "progress=false",
@@ -425,7 +426,9 @@ def test_cli_end_to_end(trained):
     assert tuned["base_run"] == str(run_dir) and set(tuned["tasks"]) == trainable
     assert any(not torch.equal(tuned["state_dict"][k], base[k]) for k in base)
     assert hashlib.sha256((run_dir / "model.ckpt").read_bytes()).hexdigest() == ckpt_hash
-    assert len(json.loads((out / "finetune.json").read_text())["loss"]) == 2
+    tune_log = json.loads((out / "finetune.json").read_text())
+    assert len(tune_log["loss"]) == 2 and tune_log["max_length"] == 96
+    assert max(tune_log["length"]) <= 96 and "lengths <= 96)" in summary
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
     logged = client.get_run((run_dir / "mlflow_run_id").read_text().strip()).data.metrics
@@ -465,6 +468,7 @@ def test_cli_bad_input_exits_2_names_the_value_and_writes_nothing(trained, tmp_p
         (["depths=0,1.5"], ["depths=1.5", "[0, 1]"]),
         (["depths=-0.1"], ["depths=-0.1"]),
         (["samples=0"], ["samples=0"]),
+        (["tasks=needle_single", "finetune_max_length=4"], ["finetune_max_length=4", "needle_single"]),
         (["split=test"], ["split='test'", "held_out"]),
     ]
     for extra, expected in cases:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from ehrlong.safety import EXIT_SIGTERM, AtomicCheckpointIO, atomic_write_text
+from ehrlong.safety import EXIT_SIGTERM, AtomicCheckpointIO, atomic_folder, atomic_write_text
 
 SMALL = [
     "config=transformer_512",
@@ -255,6 +255,24 @@ def check_trial(trial: dict) -> None:
     assert trial["stores_changed"] == [] and trial["mlflow_problems"] == [], trial
     if "steps_lost" in trial:
         assert trial["steps_lost"] <= 2, trial  # checkpoint_every=2
+
+
+def test_output_folder_appears_whole_or_the_old_one_stays(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "old.csv").write_text("old")
+    stale = tmp_path / "results.partial"
+    stale.mkdir()
+    (stale / "half.csv").write_text("from a killed run")
+    with pytest.raises(RuntimeError), atomic_folder(out) as tmp:
+        assert tmp == stale and not any(tmp.iterdir())  # the killed run's leftovers are gone
+        (tmp / "new.csv").write_text("new")
+        raise RuntimeError("plot failed")
+    assert [p.name for p in out.iterdir()] == ["old.csv"] and not stale.exists()
+    with atomic_folder(out) as tmp:
+        (tmp / "new.csv").write_text("new")
+        assert not (out / "new.csv").exists()  # nothing visible before the block ends
+    assert [p.name for p in out.iterdir()] == ["new.csv"] and not stale.exists()
 
 
 def test_sigterm_saves_the_step_then_sigkill_during_resume_and_resume_again_matches(reference):

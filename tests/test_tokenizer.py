@@ -41,7 +41,14 @@ def splits(mapping: dict[int, str]) -> pl.DataFrame:
 
 
 def recipe(**overrides) -> TokenizerRecipe:
-    base = {"name": "test", "min_code_count": 1, "min_text_count": 1, "n_bins": 4, "n_probe_tokens": 3}
+    base = {
+        "name": "test",
+        "min_code_count": 1,
+        "min_text_count": 1,
+        "min_text_subjects": 1,
+        "n_bins": 4,
+        "n_probe_tokens": 3,
+    }
     return TokenizerRecipe(**{**base, **overrides})
 
 
@@ -124,6 +131,30 @@ def test_text_tokens_need_the_train_count_threshold():
     normal, plain = tok.token_to_id[text_token("CHART//X", "Normal")], tok.token_to_id["CHART//X"]
     assert enc.tokens.tolist() == [normal] * 3 + [plain] + [plain] * 10
     assert enc.report.n_text_tokens == 3 and enc.report.n_text_unmatched == 11
+
+
+def test_a_text_value_few_subjects_have_never_becomes_a_vocabulary_string(tmp_path):
+    """Counted by subjects, not events: one patient's free text, however often recorded, stays out of
+    tokenizer.json (which is saved with every run); its events keep the code's plain slot."""
+    others = [TRAIN + 10 * k for k in range(1, 3)]  # two more train subjects
+    rows = [(TRAIN, day(i), "NOTE//X", None, "only this patient") for i in range(8)]
+    rows += [(s, day(i), "NOTE//X", None, "Negative") for s in (TRAIN, *others) for i in range(2)]
+    for r in (recipe(min_text_subjects=3, time_gaps=[]), recipe(min_text_subjects=4, time_gaps=[])):
+        fast = EventTokenizer.fit(events(rows), [TRAIN, *others], r)
+        slow = loop_tokenizer.fit(events(rows), [TRAIN, *others], r)
+        assert fast.hash == slow.hash
+        assert fast.texts == ([["Negative"]] if r.min_text_subjects == 3 else [[]])
+        saved = fast.save(tmp_path / "tokenizer.json").read_text()
+        assert "only this patient" not in saved
+        enc = fast.encode(events(rows))
+        assert enc.report.n_text_unmatched == 8 + (6 if r.min_text_subjects == 4 else 0)
+    # A tokenizer.json written before the field existed reads as the rule it was fitted with.
+    d = json.loads(saved)
+    del d["recipe"]["min_text_subjects"]
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    assert EventTokenizer.load(tmp_path / "old.json").recipe.min_text_subjects == 1
+    with pytest.raises(ConfigError, match="min_text_subjects=0"):
+        EventTokenizer.fit(events(rows), [TRAIN], recipe(min_text_subjects=0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,7 +347,7 @@ def test_loop_reference_matches_vectorised_on_mixed_events():
             rows.append((s, t, code, value, text))
     df = events(rows)
     table = splits({s: "train" if s < 8 else "tuning" if s < 11 else "held_out" for s in range(1, 13)})
-    r = recipe(min_code_count=2, min_text_count=2)
+    r = recipe(min_code_count=2, min_text_count=2, min_text_subjects=3)
     fast, slow = EventTokenizer.fit(df, list(range(1, 8)), r), loop_tokenizer.fit(df, list(range(1, 8)), r)
     assert fast.hash == slow.hash
     a, b = fast.encode(df, table), loop_tokenizer.encode(fast, df, table)

@@ -47,6 +47,7 @@ def fit(
     counts: Counter[str] = Counter()
     values: dict[str, list[float]] = defaultdict(list)
     text_counts: Counter[tuple[str, str]] = Counter()
+    text_subjects: dict[tuple[str, str], set[int]] = defaultdict(set)
     for subject_id, _time, code, value, text in collect_events(events).iter_rows():
         if subject_id not in train:
             continue
@@ -55,6 +56,7 @@ def fit(
             values[code].append(value)
         elif text is not None:
             text_counts[(code, text)] += 1
+            text_subjects[(code, text)].add(subject_id)
 
     codes = sorted(c for c, n in counts.items() if n >= recipe.min_code_count)
     edges: list[list[float] | None] = []
@@ -65,7 +67,7 @@ def fit(
     texts: dict[str, list[str]] = defaultdict(list)
     if recipe.text_values:
         for (code, text), n in text_counts.items():
-            if n >= recipe.min_text_count:
+            if n >= recipe.min_text_count and len(text_subjects[(code, text)]) >= recipe.min_text_subjects:
                 texts[code].append(text)
     stats = {
         "train_subjects": len(train),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -333,6 +334,15 @@ class TokenStore:
         self.subject_ids = arrays["subject_ids"]
         self.splits = arrays["splits"]
         self._tokenizer: EventTokenizer | None = None
+
+    def drop_resident_pages(self) -> None:
+        """Unmap the pages read so far from this process (the OS keeps them in its file cache). A pass over
+        many subjects touches pages all over the store; without this they stay counted in the process's
+        resident memory, which then grows with the cohort although nothing is held."""
+        for array in (self.tokens, self.times):
+            mapping = getattr(array, "_mmap", None)  # numpy's memmap keeps its mmap.mmap here
+            if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+                mapping.madvise(mmap.MADV_DONTNEED)
 
     @classmethod
     def open(cls, root: str | Path) -> TokenStore:
