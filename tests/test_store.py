@@ -121,6 +121,31 @@ def test_open_memory_maps_consistent_arrays(store_dir, tricky_root):
         assert np.all(np.diff(store.times[store.subject_slice(i)]) >= 0)
 
 
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile line")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc/self/status")
+def test_dropping_resident_pages_frees_them_and_keeps_the_data(store_dir, tmp_path):
+    """predict calls this after each batch so that a pass over a large cohort does not keep every page
+    of the store it touched counted as this process's memory."""
+    store = TokenStore.open(store_dir)
+    n = 8 * 2**20  # 64 MiB of times: far above what the rest of the process touches meanwhile
+    np.save(tmp_path / "times.npy", np.arange(n, dtype=np.float64))
+    store.times = np.load(tmp_path / "times.npy", mmap_mode="r")
+    before = _rss_file_kib()
+    total = float(np.sum(store.times))  # touches every page
+    touched = _rss_file_kib()
+    store.drop_resident_pages()
+    dropped = _rss_file_kib()
+    assert touched - before > 48 * 1024 and touched - dropped > 48 * 1024, (before, touched, dropped)
+    assert float(np.sum(store.times)) == total == n * (n - 1) / 2  # read back from the file, unchanged
+    assert store.tokens[: store.n_tokens].tolist() == TokenStore.open(store_dir).tokens.tolist()
+
+
 def test_tokenizer_is_fit_on_train_subjects_only(store_dir):
     store = TokenStore.open(store_dir)
     assert not any(c.startswith("NEVER_IN_TRAIN") for c in store.tokenizer.codes)
