@@ -138,7 +138,7 @@ def _log_mlflow(
 ) -> bool:
     """Metrics into the run's own MLflow run, beside its training and evaluation metrics:
     bench/<task>/L<length> (mean over depths) with /ci_low and /ci_high, bench/<task>/L<length>/d<depth>
-    and bench/<task>/effective_length (when defined); the files as artifacts under benchmark/<out>."""
+    and bench/<task>/effective_length[_far] (when defined); the files as artifacts under benchmark/<out>."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -159,9 +159,11 @@ def _log_mlflow(
                 metrics.append(Metric(f"bench/{task}/L{length}{suffix}", float(value), now, 0))
     for task, length, depth, score in results.select("task", "length", "depth", "score").iter_rows():
         metrics.append(Metric(f"bench/{task}/L{length}/d{depth:g}", float(score), now, 0))
-    for task, value in effective.select("task", "effective_length").iter_rows():
-        if value is not None:
-            metrics.append(Metric(f"bench/{task}/effective_length", float(value), now, 0))
+    far = "effective_length_far" in effective.columns
+    for row in effective.iter_rows(named=True):
+        for key in ("effective_length", "effective_length_far") if far else ("effective_length",):
+            if row[key] is not None:
+                metrics.append(Metric(f"bench/{row['task']}/{key}", float(row[key]), now, 0))
     metrics = [m for m in metrics if not math.isnan(m.value)]
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics per batch
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
@@ -209,7 +211,7 @@ def benchmark(args: Args) -> Path:
 
     from ehrlong.benchmarks import Haystack, ProbeTokens, aggregate, make_samples, score_samples
     from ehrlong.benchmarks.finetune import finetune, finetune_lengths
-    from ehrlong.benchmarks.report import by_length, effective_table, heatmap, summary
+    from ehrlong.benchmarks.report import by_length, effective_table, far_rows, heatmap, summary
     from ehrlong.evaluation.representations import (
         data_root,
         default_tokens_per_batch,
@@ -277,7 +279,8 @@ def benchmark(args: Args) -> Path:
     name = pl.lit(run.cfg.config_name).alias("run")
     results = aggregate(rows, chance, args.seed).select(name, pl.all())
     per_length = by_length(rows, chance, args.seed).select(name, pl.all())
-    effective = effective_table(per_length)
+    far = far_rows(rows)  # the same rule without the target right before the query (report.FAR_DEPTH)
+    effective = effective_table(per_length, by_length(far, chance, args.seed) if far else None)
     seconds = time.perf_counter() - t0
 
     n_concat = sum(r["n_subjects"] > 1 for r in rows)
@@ -309,8 +312,17 @@ def benchmark(args: Args) -> Path:
         per_length.write_csv(tmp / "by_length.csv")
         effective.write_csv(tmp / "effective_length.csv")
         pl.from_dicts(rows, infer_schema_length=None).write_parquet(tmp / "per_sample.parquet")
-        eff = dict(effective.select("task", "effective_length").iter_rows())
-        plots = [heatmap(results, t.name, tmp / f"heatmap_{t.name}.png", eff.get(t.name)) for t in tasks]
+        eff = {r["task"]: r for r in effective.iter_rows(named=True)}
+        plots = [
+            heatmap(
+                results,
+                t.name,
+                tmp / f"heatmap_{t.name}.png",
+                eff[t.name]["effective_length"],
+                eff[t.name].get("effective_length_far"),
+            )
+            for t in tasks
+        ]
         if tuned is not None:
             _save_finetuned(tmp, tuned, run, trainable, args, finetune_length)
         (tmp / "summary.txt").write_text(text)

@@ -26,12 +26,14 @@ from ehrlong.benchmarks import (
     Oracle,
     ProbeTokens,
     RunModel,
+    aggregate,
     depth_index,
     effective_length,
     make_samples,
     resolve_tasks,
     score_samples,
 )
+from ehrlong.benchmarks.report import by_length, effective_table, far_rows, summary
 from ehrlong.data.meds import SPLITS
 from ehrlong.data.store import TokenStore
 from ehrlong.errors import ConfigError, DataError
@@ -282,6 +284,49 @@ def test_effective_length_rule():
     assert effective_length([1, 2, 3], [0.9, 0.95, 1.0]).effective_length == 3
 
 
+def _rows(score_of, lengths=(1024, 4096, 16384), depths=(0.0, 0.5, 1.0), n=8):
+    """Per-sample rows of one retrieval task whose sample scores 1 where score_of(length, depth, i)."""
+    return [
+        {
+            "task": "needle_single",
+            "metric": "accuracy",
+            "length": length,
+            "depth": depth,
+            "index": i,
+            "score": float(score_of(length, depth, i)),
+            "n_subjects": 1,
+            "n_separators": 0,
+            "repeated_subjects": 0,
+            "subject_indices": [0],
+        }
+        for length in lengths
+        for depth in depths
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, score_of, plain, far",
+    [
+        # Only the target right before the query is found: the same mean at every length, so the plain
+        # rule calls every length effective; without depth 1 nothing is above chance.
+        ("recency only", lambda n, d, i: d == 1.0, 16384, None),
+        ("retrieves everywhere", lambda n, d, i: True, 16384, 16384),
+        ("far retrieval fails beyond 1k", lambda n, d, i: d == 1.0 or n == 1024, 1024, 1024),
+        # Far targets hold up to 4k, then only depth 1 is left: the plain mean (1/3 of 1k's) fails too.
+        ("far retrieval holds to 4k", lambda n, d, i: d == 1.0 or n <= 4096, 4096, 4096),
+    ],
+)
+def test_effective_length_without_depth_one_ignores_recency(name, score_of, plain, far):
+    rows = _rows(score_of)
+    chance = {"needle_single": 1 / 32}
+    table = effective_table(by_length(rows, chance), by_length(far_rows(rows), chance))
+    row = table.row(0, named=True)
+    assert (row["effective_length"], row["effective_length_far"]) == (plain, far), name
+    assert "without depth 1" in summary(aggregate(rows, chance), by_length(rows, chance), table, [])
+    assert {r["depth"] for r in far_rows(rows)} == {0.0, 0.5}
+
+
 def test_registries_list_valid_names():
     assert [t.name for t in resolve_tasks("ruler")] == SUITES["ruler"]
     assert set(SUITES["all"]) == set(TASKS) and set(SUITES["ruler"]) | set(SUITES["ehr"]) <= set(TASKS)
@@ -435,9 +480,10 @@ def test_cli_end_to_end(trained):
     by_length = pl.read_csv(out / "by_length.csv")
     for task, length, score in by_length.select("task", "length", "score").iter_rows():
         assert logged[f"bench/{task}/L{length}"] == pytest.approx(score)
-    for task, value in effective.select("task", "effective_length").iter_rows():
-        if value is not None:
-            assert logged[f"bench/{task}/effective_length"] == value
+    for row in effective.iter_rows(named=True):
+        for key in ("effective_length", "effective_length_far"):  # depths=0,1: far = depth 0 alone
+            if row[key] is not None:
+                assert logged[f"bench/{row['task']}/{key}"] == row[key]
     assert logged["bench/needle_single/L96/d0"] == pytest.approx(
         results.filter(
             (pl.col("task") == "needle_single") & (pl.col("length") == 96) & (pl.col("depth") == 0)

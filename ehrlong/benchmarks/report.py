@@ -23,8 +23,14 @@ RULE = (
     "of the same model's score at the shortest tested length. RULER (Hsieh et al. 2024) uses an absolute "
     "bar instead: the largest length whose score exceeds 85.6, Llama-2-7B's score at 4k tokens. A score "
     "that recovers after a drop does not extend the effective length (longest_passing reports it); none "
-    "when the shortest-length score, or the low end of its 95% CI, is not above chance."
+    "when the shortest-length score, or the low end of its 95% CI, is not above chance. "
+    "effective_length_far applies the same rule to the depths below 1 only, leaving out the target placed "
+    "right before the query: a model that only uses its last few tokens scores the same there at every "
+    "length, so the plain rule can credit it with the longest length."
 )
+# The far rule's depths: a target at depth 1 sits next to the query at every length (session 5 measured a
+# tiny Mamba's zero-shot likelihood gain at depth 1 only, which the plain rule called effective to 16,384).
+FAR_DEPTH = 1.0
 # Tasks whose score is a share in [0, 1] are averaged per length into RULER's overall score.
 RETRIEVAL_MEAN = "retrieval_mean"
 
@@ -120,19 +126,44 @@ def by_length(rows: list[dict], chance: dict[str, float], seed: int = 0) -> pl.D
     return pl.concat([per, aggregate(pooled, mean_chance, seed, GROUP_LENGTH)], how="diagonal_relaxed")
 
 
-def effective_table(per_length: pl.DataFrame) -> pl.DataFrame:
+def far_rows(rows: list[dict]) -> list[dict]:
+    """The samples whose target is not right before the query (depth < 1)."""
+    return [r for r in rows if r["depth"] < FAR_DEPTH]
+
+
+def _effective(part: pl.DataFrame) -> EffectiveLength:
+    part = part.sort("length")
+    return effective_length(
+        part["length"].to_list(), part["score"].to_list(), float(part["chance"][0]), part["ci_low"][0]
+    )
+
+
+def effective_table(per_length: pl.DataFrame, per_length_far: pl.DataFrame | None = None) -> pl.DataFrame:
+    """One row per (task, metric): RULE on `per_length`; with `per_length_far` (by_length of far_rows) also
+    effective_length_far, null where no depth below 1 was tested or none is effective."""
+    far = {}
+    if per_length_far is not None and per_length_far.height:
+        for (task, metric), part in per_length_far.group_by("task", "metric", maintain_order=True):
+            far[(task, metric)] = _effective(part).effective_length
     rows = []
     for (task, metric), part in per_length.group_by("task", "metric", maintain_order=True):
-        part = part.sort("length")
-        eff = effective_length(
-            part["length"].to_list(), part["score"].to_list(), float(part["chance"][0]), part["ci_low"][0]
-        )
-        rows.append({"task": task, "metric": metric, **eff.as_row(), "rule": RULE})
+        eff = _effective(part)
+        row = {"task": task, "metric": metric, **eff.as_row()}
+        if per_length_far is not None:
+            row["effective_length_far"] = far.get((task, metric))
+        rows.append({**row, "rule": RULE})
     return pl.from_dicts(rows, infer_schema_length=None)
 
 
-def heatmap(results: pl.DataFrame, task: str, path: Path, effective: int | None = None) -> Path:
-    """Length (rows) x depth (columns) mean score of one task, each cell annotated with score and n."""
+def heatmap(
+    results: pl.DataFrame,
+    task: str,
+    path: Path,
+    effective: int | None = None,
+    effective_far: int | None = None,
+) -> Path:
+    """Length (rows) x depth (columns) mean score of one task, each cell annotated with score and n; the
+    title gives the effective length, and the one without depth 1 when the depths go below 1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,13 +203,26 @@ def heatmap(results: pl.DataFrame, task: str, path: Path, effective: int | None 
     ax.set_yticks(range(len(lengths)), [f"{n:,}" for n in lengths])
     ax.set_xlabel("depth (share of the haystack before the target)")
     ax.set_ylabel("length (tokens)")
-    eff = "none" if effective is None else f"{effective:,}"
-    ax.set_title(f"{task}: {metric}\neffective length {eff}", fontsize=9)
+    title = f"{task}: {metric}\neffective length {_fmt_length(effective)}"
+    if any(d < FAR_DEPTH for d in depths):
+        title += f" (without depth 1: {_fmt_length(effective_far)})"
+    ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _fmt_length(value: int | None) -> str:
+    return "none" if value is None else f"{value:,}"
+
+
+def _effective_text(e: dict) -> str:
+    text = _fmt_length(e["effective_length"]) + (f" ({e['note']})" if e["note"] else "")
+    if "effective_length_far" in e:
+        text += f"; without depth 1: {_fmt_length(e['effective_length_far'])}"
+    return text
 
 
 def summary(
@@ -210,11 +254,9 @@ def summary(
             )
         e = eff.get(task)
         if e is not None:
-            value = "none" if e["effective_length"] is None else f"{e['effective_length']:,}"
-            lines.append(f"  effective length: {value}" + (f" ({e['note']})" if e["note"] else ""))
+            lines.append(f"  effective length: {_effective_text(e)}")
     if RETRIEVAL_MEAN in eff:
         e = eff[RETRIEVAL_MEAN]
-        value = "none" if e["effective_length"] is None else f"{e['effective_length']:,}"
         scores = per_length.filter(pl.col("task") == RETRIEVAL_MEAN)
         table = ", ".join(
             f"{n:,}: {s:.3f} [{lo:.2f}, {hi:.2f}]"
@@ -223,7 +265,7 @@ def summary(
         lines += [
             "",
             f"mean over the retrieval tasks (RULER's overall score) by length: {table}",
-            f"  effective length: {value}" + (f" ({e['note']})" if e["note"] else ""),
+            f"  effective length: {_effective_text(e)}",
         ]
     lines += ["", RULE]
     return "\n".join(lines)
