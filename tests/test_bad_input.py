@@ -35,9 +35,9 @@ import polars as pl
 import pytest
 import yaml
 from conftest import build_tiny_events, default_splits, write_meds
+from test_train import THREADS
 
 WORKERS = max(2, min(4, os.cpu_count() or 2))  # cases run side by side
-THREADS = {"OMP_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1", "MKL_NUM_THREADS": "1"}
 D_MODEL = 16
 TASK = "task_a"  # the probe saved into the shared run
 

@@ -19,23 +19,11 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from test_train import THREADS, small
 
 from ehrlong.safety import EXIT_SIGTERM, AtomicCheckpointIO, atomic_folder, atomic_write_text
 
-SMALL = [
-    "config=transformer_512",
-    "data.synthetic.n_subjects=40",
-    "model.d_model=32",
-    "model.n_layers=1",
-    "context_length=128",
-    "batch.tokens_per_step=4096",
-    "batch.tokens_per_micro_batch=2048",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "optim.warmup_steps=2",
-    "trainer.max_steps=6",
-]
-THREADS = {"OMP_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SMALL = ["config=transformer_512", *small("model.n_layers=1", "trainer.max_steps=6")]
 
 # Runs ehrlong.train; SIGNAL_AT=STEP:NAME makes the process signal itself when step STEP starts (the
 # signal is delivered exactly as one from outside would be).

@@ -14,22 +14,13 @@ from pathlib import Path
 
 import mlflow
 import torch
+from test_train import THREADS, small
 
+# 2 micro-batches of 2048 per step: one per rank, or both in one process.
 SMALL = [
     "config=transformer_512",
-    "data.synthetic.n_subjects=40",
-    "model.d_model=32",
-    "model.n_layers=1",
-    "context_length=128",
-    "batch.tokens_per_step=4096",  # 2 micro-batches of 2048: one per rank, or both in one process
-    "batch.tokens_per_micro_batch=2048",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "optim.warmup_steps=2",
-    "trainer.max_steps=3",
-    "trainer.accelerator=cpu",
+    *small("model.n_layers=1", "trainer.max_steps=3", "trainer.accelerator=cpu"),
 ]
-THREADS = {"OMP_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # A script file (not python -c): Lightning's ddp launcher starts rank 1 by re-running sys.argv[0].
 # RECORD_DIR: every rank saves its gradients before each optimizer step (after DDP's all-reduce).

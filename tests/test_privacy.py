@@ -23,9 +23,9 @@ import mlflow
 import numpy as np
 import polars as pl
 import pytest
+from test_train import THREADS
 
 FIRST_ID = 7_301_946_500_000  # ids FIRST_ID + 7919 * k: 13 digits, in no timestamp, count or hash here
-THREADS = {"OMP_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TASKS = "family_history_mi,acute_kidney_injury"
 ASKED = "my_predictions.parquet"  # the one file allowed to hold subject ids
 

@@ -28,6 +28,15 @@ SMALL = [
     "trainer.enable_progress_bar=false",
     "optim.warmup_steps=2",
 ]
+# One thread each: a test that starts processes must not oversubscribe the 2-core CI machine.
+THREADS = {"OMP_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def small(*overrides: str) -> list[str]:
+    """SMALL with `overrides` (key=value) replacing the same keys in place and adding new ones at the end."""
+    new = dict(o.split("=", 1) for o in overrides)
+    out = [f"{k}={new.pop(k)}" if k in new else a for a, k in ((a, a.split("=", 1)[0]) for a in SMALL)]
+    return out + [f"{k}={v}" for k, v in new.items()]
 
 
 def env_for(tmp: Path) -> dict:
