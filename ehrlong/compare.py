@@ -45,7 +45,10 @@ from ehrlong.tracking import TAG_KEYS
 PROG = "python -m ehrlong.compare"
 EVAL_METRICS = DEFAULT_METRICS  # what ehrlong.evaluate logs per task
 EFFECTIVE_LENGTH, BENCH_SCORE = "effective_length", "bench_score"
-BENCH_METRICS = (EFFECTIVE_LENGTH, BENCH_SCORE)  # read from what ehrlong.benchmark logs per task
+# The same rule without depth 1, the target right before the query (ehrlong.benchmarks.report.FAR_DEPTH).
+EFFECTIVE_LENGTH_FAR = "effective_length_far"
+EFFECTIVE_METRICS = (EFFECTIVE_LENGTH, EFFECTIVE_LENGTH_FAR)  # one value per task, in tokens
+BENCH_METRICS = (*EFFECTIVE_METRICS, BENCH_SCORE)  # read from what ehrlong.benchmark logs per task
 METRICS = (*EVAL_METRICS, *BENCH_METRICS)
 KIND_TAG = "kind"
 KIND_COMPARISON = "comparison"
@@ -71,7 +74,7 @@ BENCHMARK_HINT = "python -m ehrlong.benchmark run=runs/<config_name>/<timestamp>
 @dataclass
 class Args:
     experiment: str = TrackingConfig.experiment  # the MLflow experiment training logs into
-    metric: str = "auroc"  # auroc | auprc | brier (evaluate) | effective_length | bench_score (benchmark)
+    metric: str = "auroc"  # auroc | auprc | brier (evaluate) | effective_length[_far] | bench_score (benchmark)
     length: int | None = None  # metric=bench_score only (required there): the haystack length in tokens
     task: list[str] = field(default_factory=list)  # a,b; empty = every task some run has the metric for
     by: str = "context_length"  # the columns' tag: backbone | context_length | config_name | dataset | size
@@ -142,7 +145,7 @@ def parse_metric_key(key: str) -> tuple[str, str, str, int | None, str] | None:
 def parse_bench_key(key: str) -> tuple[str, str, int | None, str] | None:
     """`bench/<task>/...` (ehrlong.benchmark) -> (task, kind, length, part):
 
-        bench/<task>/effective_length            (task, "effective_length", None, "value")
+        bench/<task>/effective_length[_far]      (task, "effective_length[_far]", None, "value")
         bench/<task>/L<n>[/ci_low|/ci_high]      (task, "score", n, "value" | "ci_low" | "ci_high")
         bench/<task>/L<n>/d<depth>               (task, "depth", n, "value")
 
@@ -152,8 +155,8 @@ def parse_bench_key(key: str) -> tuple[str, str, int | None, str] | None:
     if len(parts) < 3 or parts[0] != "bench" or not parts[1]:
         return None
     task, rest = parts[1], parts[2:]
-    if rest == [EFFECTIVE_LENGTH]:
-        return task, EFFECTIVE_LENGTH, None, "value"
+    if len(rest) == 1 and rest[0] in EFFECTIVE_METRICS:
+        return task, rest[0], None, "value"
     if not (rest[0][:1] == "L" and rest[0][1:].isdigit()):
         return None
     length = int(rest[0][1:])
@@ -237,11 +240,11 @@ def _results(run, metric: str, length: int | None = None) -> tuple[RunResults, b
         task, kind, n, part = parsed_bench
         if kind == "score" and part == "value":
             lengths[task].add(n)
-        if (metric == EFFECTIVE_LENGTH and kind == EFFECTIVE_LENGTH) or (
+        if (metric in EFFECTIVE_METRICS and kind == metric) or (
             metric == BENCH_SCORE and kind == "score" and n == length
         ):
             values[(task, "all", None)][part] = float(v)
-    if metric == EFFECTIVE_LENGTH:
+    if metric in EFFECTIVE_METRICS:
         # ehrlong.benchmark logs no effective_length when a task has none (shortest-length score not above
         # chance): a task with scores but no effective length is a result, "none", not a missing cell.
         for task in lengths:
@@ -296,8 +299,8 @@ def select(
     bench = metric in BENCH_METRICS
     family, hint = ("bench", BENCHMARK_HINT) if bench else ("eval", EVALUATE_HINT)
     key = (
-        f"bench/<task>/{EFFECTIVE_LENGTH}"
-        if metric == EFFECTIVE_LENGTH
+        f"bench/<task>/{metric}"
+        if metric in EFFECTIVE_METRICS
         else f"bench/<task>/L{length}"
         if bench
         else f"eval/<task>/{metric}"
@@ -452,7 +455,7 @@ def cell(value: float | None, lo: float | None, hi: float | None, metric: str) -
     length in whole tokens, 16384 (render prints "none" where a run has none)."""
     if value is None:
         return "-"
-    if metric == EFFECTIVE_LENGTH:
+    if metric in EFFECTIVE_METRICS:
         return f"{value:.0f}"
     digits = 3 if metric == "brier" else 2
     if lo is None or hi is None:
@@ -461,10 +464,13 @@ def cell(value: float | None, lo: float | None, hi: float | None, metric: str) -
 
 
 def _heading(metric: str, length: int | None, by: str) -> str:
-    if metric == EFFECTIVE_LENGTH:
+    if metric in EFFECTIVE_METRICS:
+        far = " over the depths below 1 (the target not right before the query)" * (
+            metric == EFFECTIVE_LENGTH_FAR
+        )
         return (
             f"effective context length in tokens (ehrlong.benchmark, RULER's rule: the longest tested length up "
-            "to which the mean score stays >= 85.6% of the run's own score at its shortest tested length; "
+            f"to which the mean score{far} stays >= 85.6% of the run's own score at its shortest tested length; "
             f"higher is better); columns: {by}; none: benchmarked, but no effective length (the score at the "
             "shortest length is not above chance); -: no run, or the cell's newest run has no benchmark "
             "result for the task"
@@ -491,7 +497,7 @@ def render(sel: Selection, metric: str, by: str, experiment: str, uri: str, leng
         lines.append(f"  ignored {n} {reason}")
     lines.append("\n" + _heading(metric, length, by))
     by_cell = {(r.row, r.column): r for r in sel.runs}
-    width = max(19 if metric != EFFECTIVE_LENGTH else 8, *(len(c) for c in sel.columns))
+    width = max(19 if metric not in EFFECTIVE_METRICS else 8, *(len(c) for c in sel.columns))
     row_w = max(12, *(len(r) for r in sel.rows))
     for task in sel.tasks:
         lines.append(f"\n{task}")
@@ -508,7 +514,7 @@ def render(sel: Selection, metric: str, by: str, experiment: str, uri: str, leng
                 else:
                     cells.append(cell(v["value"], v.get("ci_low"), v.get("ci_high"), metric))
             lines.append(f"{row:{row_w}s}  " + "  ".join(f"{c:>{width}s}" for c in cells))
-        if metric == EFFECTIVE_LENGTH:
+        if metric in EFFECTIVE_METRICS:
             # The rule is relative to the shortest tested length: effective lengths compare over the same lengths.
             tested = {
                 (r.row, r.column): tuple(r.lengths.get(task, ()))
@@ -585,13 +591,14 @@ def plot_overall(
         ax.set_title(task, fontsize=9)
         ax.set_xlabel(by, fontsize=8)
         ax.grid(alpha=0.3)
-        if metric == EFFECTIVE_LENGTH and _all_positive(overall, task):
+        if metric in EFFECTIVE_METRICS and _all_positive(overall, task):
             ax.set_yscale("log", base=2)
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))  # 16384, not 2^14
     for k in range(len(sel.tasks), nr * nc):
         axes[k // nc][k % nc].axis("off")
     ylabel = {
         EFFECTIVE_LENGTH: "effective length (tokens)",
+        EFFECTIVE_LENGTH_FAR: "effective length without depth 1 (tokens)",
         BENCH_SCORE: f"score at {length} tokens (95% CI)",
     }.get(metric, f"held-out {metric.upper()} (95% CI)")
     axes[0][0].set_ylabel(ylabel)
@@ -701,7 +708,7 @@ def _check_args(args: Args) -> None:
     if args.metric not in METRICS:
         raise ConfigError(
             f"metric={args.metric!r}: pass one of {', '.join(EVAL_METRICS)} (held-out results ehrlong.evaluate "
-            f"logs) or {EFFECTIVE_LENGTH}, {BENCH_SCORE} (long-context results ehrlong.benchmark logs; "
+            f"logs) or {', '.join(BENCH_METRICS)} (long-context results ehrlong.benchmark logs; "
             f"{BENCH_SCORE} with length=N), e.g. metric=auroc."
         )
     if args.metric == BENCH_SCORE and args.length is None:

@@ -126,29 +126,18 @@ def _n_without_timed_events(root: Path, store, split: str) -> int:
     return splits.filter(pl.col("subject_id").is_in(excluded) & (pl.col("split") == split)).height
 
 
-def _now_queries(root: Path, store, split: str) -> pl.DataFrame:
-    """Each subject of `split` (or all) at its last timed event, from the MEDS data one shard at a time:
-    memory is one shard's subject_id and time columns, not the cohort's. (The store's float64 days
-    cannot give the timestamp back: at MIMIC-IV's shifted dates, around 2180, a day value's last bit is
-    about 1.3 us.)"""
-    from ehrlong.data.meds import data_files, scan_shard
-
+def _now_queries(store, split: str) -> pl.DataFrame:
+    """Each subject of `split` (or all) at its last timed event: the time of its last token in the store
+    (integer microseconds, the MEDS timestamp itself; statics and gap tokens never come after it)."""
     idx = np.arange(store.n_subjects) if split == "all" else store.split_indices(split)
-    wanted = pl.LazyFrame({"subject_id": np.asarray(store.subject_ids)[idx]}, schema={"subject_id": pl.Int64})
-    parts = [
-        scan_shard(path, with_text=False)
-        .filter(pl.col("time").is_not_null())
-        .join(wanted, on="subject_id", how="semi")
-        .group_by("subject_id")
-        .agg(pl.col("time").max())
-        .collect()
-        for path in data_files(root)
-    ]
-    last = pl.concat(parts).group_by("subject_id").agg(pl.col("time").max().alias("prediction_time"))
-    return last.select(
-        "subject_id",
-        pl.col("prediction_time").cast(pl.Datetime("us")),
-        pl.lit(None, pl.Boolean).alias("boolean_value"),
+    last = np.asarray(store.offsets)[idx + 1] - 1
+    return pl.DataFrame(
+        {
+            "subject_id": np.asarray(store.subject_ids)[idx],
+            "prediction_time": np.asarray(store.times_us)[last].astype("datetime64[us]"),
+            "boolean_value": pl.Series([None] * len(idx), dtype=pl.Boolean),
+        },
+        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean},
     )
 
 
@@ -269,7 +258,7 @@ def predict(args: Args) -> Path:
     else:
         if args.split not in ("train", "tuning", "held_out", "all"):
             raise ConfigError(f"split={args.split!r}: one of train, tuning, held_out, all.")
-        queries = _now_queries(root, store, args.split)
+        queries = _now_queries(store, args.split)
         n_no_time = _n_without_timed_events(root, store, args.split)
         source = f"each {'' if args.split == 'all' else args.split + ' '}subject at its last event"
     queries = queries.sort("subject_id", "prediction_time", maintain_order=True)

@@ -22,8 +22,9 @@ Time-gap tokens follow CEHR-BERT (Pang et al., 2021, "artificial time tokens"): 
 of a new timestamp whose gap to the subject's previous timestamp is at least the smallest bucket, one
 `[GAP_<bucket>]` token, stamped with the time of the event it precedes so that a window cut at time t
 never sees a gap token that announces an event after t. Static (null-time) events are stamped with the
-subject's first timestamp. Times are float64 days since the Unix epoch, absolute, so they line up with
-label prediction times; the batching layer makes them relative.
+subject's first timestamp. Times are int64 microseconds since the Unix epoch, MEDS's own resolution, so
+a window cut at a prediction time compares them exactly (float64 days lose the last microsecond at
+MIMIC-IV's shifted dates and could let an event 1 us after the cut in); batching makes them relative days.
 
 The straightforward per-subject loop in `ehrlong.data.loop_tokenizer` implements the same rules and a
 test holds this vectorised version to it byte for byte.
@@ -231,7 +232,7 @@ class EncodedEvents:
     """A whole dataset as flat arrays; subject i owns tokens[offsets[i]:offsets[i+1]]."""
 
     tokens: np.ndarray  # int32 [N]
-    times: np.ndarray  # float64 [N], days since the Unix epoch
+    times_us: np.ndarray  # int64 [N], microseconds since the Unix epoch
     offsets: np.ndarray  # int64 [S+1]
     subject_ids: np.ndarray  # int64 [S], ascending
     split_index: np.ndarray | None  # int8 [S] index into SPLITS, when encode() was given splits
@@ -420,7 +421,7 @@ class EventTokenizer:
         report.unk = _unk_report(df, vidx, starts, split_index)
         report.n_static_events = int(cols["static"].sum())
 
-        t_us = cols[TIME].to_numpy()
+        t_us = cols[TIME].to_numpy().astype(np.int64, copy=False)
         tokens, times, offsets = self._insert_gaps(tokens, t_us, starts)
         report.n_gap_tokens = len(tokens) - len(sid)
         report.n_tokens, report.n_subjects = len(tokens), len(subject_ids)
@@ -515,13 +516,12 @@ class EventTokenizer:
         gap[starts] = 0  # no gap token before a subject's first event
         at = np.flatnonzero(gap >= self.gap_us[0]) if len(self.gap_us) else np.zeros(0, dtype=np.int64)
         gap_tokens = self.gap_ids[np.searchsorted(self.gap_us, gap[at], side="right") - 1]
-        times = t_us / US_PER_DAY
         tokens = np.insert(tokens, at, gap_tokens)
-        times = np.insert(times, at, times[at])
+        times_us = np.insert(t_us, at, t_us[at])
         # A subject's first event never gets a gap token, so every gap inserted at index < start
         # belongs to an earlier subject.
         offsets = np.append(starts + np.searchsorted(at, starts, side="left"), len(tokens)).astype(np.int64)
-        return tokens, times, offsets
+        return tokens, times_us, offsets
 
     # -- save / load --------------------------------------------------------------------------------
 

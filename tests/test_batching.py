@@ -25,7 +25,7 @@ class FakeStore:
     """The slice of the TokenStore interface batching uses."""
 
     tokens: np.ndarray
-    times: np.ndarray
+    times_us: np.ndarray
     offsets: np.ndarray
     split_of: np.ndarray
 
@@ -37,7 +37,8 @@ def fake_store(lengths: list[int], seed: int = 0) -> FakeStore:
     rng = np.random.default_rng(seed)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     tokens = rng.integers(1, 100, offsets[-1]).astype(np.int32)
-    times = np.concatenate([np.sort(rng.uniform(0, 1000, n)) + 18000 for n in lengths])
+    days = np.concatenate([np.sort(rng.uniform(0, 1000, n)) + 18000 for n in lengths])
+    times = (days * 86_400_000_000).astype(np.int64)
     split_of = np.array(["train" if i % 5 else "tuning" for i in range(len(lengths))])
     return FakeStore(tokens, times, offsets, split_of)
 
@@ -83,11 +84,13 @@ def test_plan_is_deterministic_and_epochs_differ():
 def test_collate_pads_right_and_times_are_relative_to_first_event():
     store = fake_store([5, 3])
     w = subject_windows(store.offsets, np.arange(2), 8)
-    batch = collate(store.tokens, store.times, store.offsets, w, np.array([0, 1]))
+    batch = collate(store.tokens, store.times_us, store.offsets, w, np.array([0, 1]))
     assert batch.tokens.shape == (2, 5)
     assert batch.mask.tolist() == [[True] * 5, [True] * 3 + [False] * 2]
     assert (batch.tokens[1, 3:] == 0).all()
-    np.testing.assert_allclose(batch.times[1, :3].numpy(), store.times[5:8] - store.times[5], rtol=1e-6)
+    days = (store.times_us[5:8] - store.times_us[5]) / 86_400_000_000
+    np.testing.assert_allclose(batch.times[1, :3].numpy(), days, rtol=1e-6)
+    assert batch.times[1, 2] > 1.0  # days, not microseconds or hours
     assert batch.times[0, 0] == 0
 
 

@@ -51,13 +51,14 @@ def fake_store(lengths=None, seed: int = 0) -> TokenStore:
     lengths = rng.integers(5, 400, 30) if lengths is None else np.asarray(lengths)
     first = tok.first_code_id
     tokens = np.concatenate([rng.integers(first, first + N_CODES, n) for n in lengths]).astype(np.int32)
-    times = np.concatenate(
+    days = np.concatenate(
         [np.sort(rng.uniform(0, 900, n)) + 20_000 + 1_000 * i for i, n in enumerate(lengths)]
     )
+    times = (days * 86_400_000_000).astype(np.int64)  # microseconds since the epoch, as a store keeps them
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     arrays = {
         "tokens": tokens,
-        "times": times,
+        "times_us": times,
         "offsets": offsets,
         "subject_ids": np.arange(100, 100 + len(lengths), dtype=np.int64),
         "splits": (np.arange(len(lengths)) % 3).astype(np.int8),

@@ -84,7 +84,7 @@ def metric_values(auroc: dict[str, float], strata: bool) -> dict[str, float]:
 
 def bench_values(results: dict) -> dict[str, float]:
     """bench/<task>/L<n> with CI [v - 0.05, v + 0.04], per depth v + 0.013 (never compared), and
-    bench/<task>/effective_length when there is one."""
+    bench/<task>/effective_length when there is one, with effective_length_far a quarter of it."""
     out = {}
     for task, (scores, effective) in results.items():
         for n, v in scores.items():
@@ -93,6 +93,7 @@ def bench_values(results: dict) -> dict[str, float]:
             out |= {f"{k}/d0": v + 0.013, f"{k}/d0.5": v + 0.013}
         if effective is not None:
             out[f"bench/{task}/effective_length"] = float(effective)
+            out[f"bench/{task}/effective_length_far"] = float(effective // 4)
     return out
 
 
@@ -353,6 +354,8 @@ def test_by_size_tag(store, tmp_path):
 
 def test_bench_key_contract():
     assert parse_bench_key(f"bench/{NS}/effective_length") == (NS, "effective_length", None, "value")
+    far = (NS, "effective_length_far", None, "value")
+    assert parse_bench_key(f"bench/{NS}/effective_length_far") == far
     assert parse_bench_key(f"bench/{NS}/L4096") == (NS, "score", 4096, "value")
     assert parse_bench_key(f"bench/{NS}/L4096/ci_low") == (NS, "score", 4096, "ci_low")
     assert parse_bench_key(f"bench/{NS}/L4096/d0.25") == (NS, "depth", 4096, "value")
@@ -420,6 +423,22 @@ def test_effective_length_table(store, tmp_path):
     assert 0.01 < (img < 0.9).any(axis=-1).mean() < 0.6
     run = mlflow.MlflowClient(uri).get_run(res.run_id)
     assert run.info.run_name == "compare-effective_length" and run.data.tags["kind"] == "comparison"
+
+
+def test_effective_length_without_depth_one_is_read_from_its_own_key(store, tmp_path):
+    uri, _ = store
+    plain = compare(Args(tracking_uri=uri, metric="effective_length", out=str(tmp_path / "e"), mlflow=False))
+    far = compare(
+        Args(tracking_uri=uri, metric="effective_length_far", out=str(tmp_path / "f"), mlflow=False)
+    )
+    assert far.selection.rows == plain.selection.rows and far.selection.columns == plain.selection.columns
+    for task in (NS, LK):
+        for row, cells in table_lines(plain.text, task).items():
+            want = [c if c in ("-", "none") else str(int(c) // 4) for c in cells]
+            assert table_lines(far.text, task)[row] == want, (task, row)
+    assert "depths below 1" in far.text and "effective_length_far_vs_context_length.png" in {
+        p.name for p in far.out.iterdir()
+    }
 
 
 def test_bench_score_at_one_length(store, tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,6 @@ from ehrlong.config import TrainConfig, parse
 from ehrlong.data.store import TokenStore, build_store
 from ehrlong.errors import DataError
 from ehrlong.evaluation.representations import (
-    EPOCH,
     LoadedRun,
     embed_windows,
     label_windows,
@@ -42,18 +41,14 @@ def _run(store: TokenStore, backbone: str) -> LoadedRun:
     return LoadedRun(Path("."), cfg, module, store.tokenizer, store.tokenizer.hash)
 
 
-def _days_to_datetime(days: np.ndarray) -> np.ndarray:
-    return EPOCH + (np.asarray(days) * 86_400e6).astype("timedelta64[us]")
-
-
 def _labels_mid_history(store: TokenStore) -> pl.DataFrame:
     """One label per subject, at the time of the token 2/3 into its history."""
-    offsets, times = np.asarray(store.offsets), np.asarray(store.times)
+    offsets, times = np.asarray(store.offsets), np.asarray(store.times_us)
     cut = offsets[:-1] + (offsets[1:] - offsets[:-1]) * 2 // 3
     return pl.DataFrame(
         {
             "subject_id": np.asarray(store.subject_ids),
-            "prediction_time": _days_to_datetime(times[cut]),
+            "prediction_time": times[cut].astype("datetime64[us]"),
             "boolean_value": np.arange(len(cut)) % 2 == 0,
         }
     ).with_columns(pl.col("prediction_time").cast(pl.Datetime("us")))
@@ -62,7 +57,7 @@ def _labels_mid_history(store: TokenStore) -> pl.DataFrame:
 def _with_tokens(store: TokenStore, tokens: np.ndarray) -> TokenStore:
     arrays = {
         "tokens": tokens,
-        "times": store.times,
+        "times_us": store.times_us,
         "offsets": store.offsets,
         "subject_ids": store.subject_ids,
         "splits": store.splits,
@@ -94,6 +89,33 @@ def test_no_event_after_prediction_time_changes_a_representation(store, backbone
     earlier[last_in_window] = (earlier[last_in_window] % (store.tokenizer.vocab_size - 5)) + 4
     reps_earlier, _ = representations(run, _with_tokens(store, earlier), labels, progress=False)
     assert not np.allclose(reps_earlier, reps)
+
+
+def test_an_event_one_microsecond_after_prediction_time_stays_out():
+    # At MIMIC-IV's shifted dates float64 days cannot tell some t from t + 1 us (their last bit is ~1.3 us);
+    # find such a t, so that a cut made in days would let the later event in.
+    day = 86_400_000_000
+    t = (datetime(2180, 5, 17, 8, 30) - datetime(1970, 1, 1)) // timedelta(microseconds=1)
+    while (t + 1) / day != t / day:
+        t += 1
+    arrays = {
+        "tokens": np.array([5, 6, 7], dtype=np.int32),
+        "times_us": np.array([t - day, t, t + 1], dtype=np.int64),
+        "offsets": np.array([0, 3], dtype=np.int64),
+        "subject_ids": np.array([42], dtype=np.int64),
+        "splits": np.array([0], dtype=np.int8),
+    }
+    store = TokenStore(Path("in-memory"), arrays, {})
+    labels = pl.DataFrame(
+        {
+            "subject_id": [42, 42, 42],
+            "prediction_time": np.array([t - 1, t, t + 1]).astype("datetime64[us]"),
+            "boolean_value": [True, False, True],
+        }
+    )
+    win = label_windows(store, labels, length=10)
+    assert win.windows[:, 1:].tolist() == [[0, 1], [0, 2], [0, 3]]
+    assert store.window(42, np.datetime64(t, "us"), 10)[0].tolist() == [5, 6]
 
 
 def test_window_is_the_last_L_tokens_at_or_before_prediction_time(store):

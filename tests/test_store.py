@@ -14,7 +14,7 @@ import pytest
 from ehrlong.data import benchmark
 from ehrlong.data.__main__ import main as data_main
 from ehrlong.data.meds import EVENT_SCHEMA, SPLITS
-from ehrlong.data.store import ARRAYS, TokenStore, build_store, ensure_store, to_days
+from ehrlong.data.store import ARRAYS, TokenStore, build_store, ensure_store, to_us
 from ehrlong.errors import DataError
 from ehrlong.tokenizer import EventTokenizer, TokenizerRecipe
 
@@ -108,7 +108,7 @@ def test_store_differences_notices_a_changed_token(store_dir, tmp_path):
 def test_open_memory_maps_consistent_arrays(store_dir, tricky_root):
     store = TokenStore.open(store_dir)
     assert isinstance(store.tokens, np.memmap) and store.tokens.dtype == np.int32
-    assert store.times.dtype == np.float64 and store.offsets[0] == 0 and store.offsets[-1] == store.n_tokens
+    assert store.times_us.dtype == np.int64 and store.offsets[0] == 0 and store.offsets[-1] == store.n_tokens
     assert np.all(np.diff(store.subject_ids) > 0) and 999 not in store.subject_ids
     meta = store.meta
     assert meta["counts"]["tokens"] == store.n_tokens and meta["tokenizer"]["hash"] == store.tokenizer.hash
@@ -118,7 +118,7 @@ def test_open_memory_maps_consistent_arrays(store_dir, tricky_root):
         assert ids == sorted(s for s, name in split_of.items() if name == split and s != 999)
     # Times never decrease within a subject.
     for i in range(store.n_subjects):
-        assert np.all(np.diff(store.times[store.subject_slice(i)]) >= 0)
+        assert np.all(np.diff(store.times_us[store.subject_slice(i)]) >= 0)
 
 
 def _rss_file_kib() -> int:
@@ -134,15 +134,15 @@ def test_dropping_resident_pages_frees_them_and_keeps_the_data(store_dir, tmp_pa
     of the store it touched counted as this process's memory."""
     store = TokenStore.open(store_dir)
     n = 8 * 2**20  # 64 MiB of times: far above what the rest of the process touches meanwhile
-    np.save(tmp_path / "times.npy", np.arange(n, dtype=np.float64))
-    store.times = np.load(tmp_path / "times.npy", mmap_mode="r")
+    np.save(tmp_path / "times_us.npy", np.arange(n, dtype=np.int64))
+    store.times_us = np.load(tmp_path / "times_us.npy", mmap_mode="r")
     before = _rss_file_kib()
-    total = float(np.sum(store.times))  # touches every page
+    total = int(np.sum(store.times_us))  # touches every page
     touched = _rss_file_kib()
     store.drop_resident_pages()
     dropped = _rss_file_kib()
     assert touched - before > 48 * 1024 and touched - dropped > 48 * 1024, (before, touched, dropped)
-    assert float(np.sum(store.times)) == total == n * (n - 1) / 2  # read back from the file, unchanged
+    assert int(np.sum(store.times_us)) == total == n * (n - 1) // 2  # read back from the file, unchanged
     assert store.tokens[: store.n_tokens].tolist() == TokenStore.open(store_dir).tokens.tolist()
 
 
@@ -157,18 +157,24 @@ def test_window_returns_the_last_tokens_at_or_before_the_cutoff(store_dir):
     store = TokenStore.open(store_dir)
     i = int(np.argmax(np.diff(store.offsets)))  # the longest subject
     sid, s = int(store.subject_ids[i]), store.subject_slice(i)
-    all_tokens, all_times = np.asarray(store.tokens[s]), np.asarray(store.times[s])
-    for cut in np.unique(all_times).tolist() + [all_times[0] - 1.0, all_times[-1] + 1.0]:
+    all_tokens, all_times = np.asarray(store.tokens[s]), np.asarray(store.times_us[s])
+    # Every event time, 1 us either side of each (exact: an event 1 us after the cut stays out), and
+    # before the first / after the last.
+    stamps = np.unique(all_times)
+    cuts = np.unique(np.r_[stamps, stamps - 1, stamps + 1, all_times[0] - 10**9, all_times[-1] + 10**9])
+    for cut in cuts.tolist():
         for length in (1, 3, 10, 10_000):
             tokens, times = store.window(sid, cut, length)
             keep = all_times <= cut
             assert tokens.tolist() == all_tokens[keep][-length:].tolist()
             assert times.tolist() == all_times[keep][-length:].tolist()
             assert len(times) == 0 or times.max() <= cut
-    # A cut-off given as a datetime means the same instant as its float days.
-    cut = all_times[len(all_times) // 2]
-    as_datetime = datetime(1970, 1, 1) + timedelta(microseconds=round(cut * 86_400_000_000))
-    assert to_days(as_datetime) == cut
+    # A cut-off given as a datetime means the same instant as its microseconds.
+    cut = int(all_times[len(all_times) // 2])
+    as_datetime = datetime(1970, 1, 1) + timedelta(microseconds=cut)
+    assert to_us(as_datetime) == cut == to_us(np.datetime64(as_datetime, "us"))
+    with pytest.raises(TypeError, match="microseconds"):
+        to_us(cut / 86_400_000_000)  # float days are refused, not guessed
     np.testing.assert_array_equal(store.window(sid, as_datetime, 5)[0], store.window(sid, cut, 5)[0])
     np.testing.assert_array_equal(
         store.window(sid, np.datetime64(as_datetime, "us"), 5)[0], store.window(sid, cut, 5)[0]
@@ -182,7 +188,7 @@ def test_window_never_shows_a_gap_token_for_a_later_event(store_dir):
     gaps = set(store.tokenizer.gap_ids.tolist())
     for i in range(store.n_subjects):
         s = store.subject_slice(i)
-        for cut in np.unique(store.times[s])[:-1]:
+        for cut in np.unique(store.times_us[s])[:-1]:
             window, _ = store.window(int(store.subject_ids[i]), cut, 10_000)
             assert window[-1] not in gaps  # a gap token is stamped with the event it announces
 

@@ -255,9 +255,9 @@ def test_gap_tokens_are_inserted_before_new_timestamps_and_stamped_causally():
         "G",
     ]
     gaps = np.flatnonzero(np.isin(enc.tokens, tok.gap_ids))
-    np.testing.assert_array_equal(enc.times[gaps], enc.times[gaps + 1])  # stamped with the next event
-    assert enc.times[0] == enc.times[1]  # static stamped with the subject's first time
-    assert np.all(np.diff(enc.times) >= 0)
+    np.testing.assert_array_equal(enc.times_us[gaps], enc.times_us[gaps + 1])  # stamped with the next event
+    assert enc.times_us[0] == enc.times_us[1]  # static stamped with the subject's first time
+    assert np.all(np.diff(enc.times_us) >= 0)
     assert enc.report.n_gap_tokens == 4 and enc.report.n_static_events == 1
 
 
@@ -291,10 +291,21 @@ def test_clmbr_recipe_inserts_no_time_tokens():
     assert len(tok.gap_ids) == 0 and len(enc.tokens) == df.height and enc.report.n_gap_tokens == 0
 
 
-def test_times_are_days_since_epoch():
-    df = events([(TRAIN, datetime(1970, 1, 3, 12), "A", None, None)])
-    enc = EventTokenizer.fit(df, [TRAIN], recipe()).encode(df)
-    assert enc.times.tolist() == [2.5]
+def test_times_are_exact_microseconds_since_epoch():
+    # 2180 (MIMIC-IV's shifted dates): float64 days there cannot tell t from t + 1 us; the store can.
+    late = datetime(2180, 5, 17, 8, 30, 0, 1)
+    df = events(
+        [
+            (TRAIN, datetime(1970, 1, 3, 12), "A", None, None),
+            (TRAIN, late, "A", None, None),
+            (TRAIN, late + timedelta(microseconds=1), "A", None, None),
+        ]
+    )
+    tok = EventTokenizer.fit(df, [TRAIN], recipe())
+    enc = tok.encode(df)
+    want = [int(2.5 * 86_400_000_000), (late - datetime(1970, 1, 1)) // timedelta(microseconds=1)]
+    assert enc.times_us.dtype == np.int64 and enc.times_us[0] == want[0]
+    assert enc.times_us[-2:].tolist() == [want[1], want[1] + 1]
 
 
 def test_subject_without_any_timed_event_is_excluded_and_reported():
@@ -351,7 +362,7 @@ def test_loop_reference_matches_vectorised_on_mixed_events():
     fast, slow = EventTokenizer.fit(df, list(range(1, 8)), r), loop_tokenizer.fit(df, list(range(1, 8)), r)
     assert fast.hash == slow.hash
     a, b = fast.encode(df, table), loop_tokenizer.encode(fast, df, table)
-    for name in ("tokens", "times", "offsets", "subject_ids", "split_index"):
+    for name in ("tokens", "times_us", "offsets", "subject_ids", "split_index"):
         assert getattr(a, name).tobytes() == getattr(b, name).tobytes(), name
     assert a.report == b.report
     assert a.report.unk["held_out"].unk > 0
@@ -368,7 +379,7 @@ def test_save_load_gives_identical_hash_and_encoding(tmp_path):
     back = EventTokenizer.load(tok.save(tmp_path / "tokenizer.json"))
     assert back.hash == tok.hash and back.id_to_token == tok.id_to_token
     a, b = tok.encode(df), back.encode(df)
-    assert a.tokens.tobytes() == b.tokens.tobytes() and a.times.tobytes() == b.times.tobytes()
+    assert a.tokens.tobytes() == b.tokens.tobytes() and a.times_us.tobytes() == b.times_us.tobytes()
     # An edit that changes the mapping is detected.
     d = json.loads((tmp_path / "tokenizer.json").read_text())
     lab = next(c for c in d["codes"] if c["code"] == "LAB//A")

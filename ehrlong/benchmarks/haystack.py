@@ -25,6 +25,7 @@ import numpy as np
 
 from ehrlong.data.meds import SPLITS
 from ehrlong.errors import ConfigError, DataError
+from ehrlong.tokenizer import US_PER_DAY
 
 SEPARATOR = "[EOS]"
 
@@ -107,7 +108,7 @@ class Haystack:
     def draw(self, rng: np.random.Generator, n: int) -> Draw:
         if n < 1:
             raise ValueError(f"a haystack needs at least 1 token, got {n}")
-        tokens_all, times_all, offsets = self.store.tokens, self.store.times, self.offsets
+        tokens_all, us_all, offsets = self.store.tokens, self.store.times_us, self.offsets
         ids = np.asarray(self.store.subject_ids)
         order = rng.permutation(self.subjects)
         tokens, times, pieces, seps = [], [], [], []
@@ -129,11 +130,11 @@ class Haystack:
             else:  # a random window of what is still needed
                 start = int(rng.integers(0, size - remaining + 1))
                 end = start + remaining
-            t = np.asarray(times_all[a + start : a + end], dtype=np.float64)
-            if not pieces:
-                t = t - float(times_all[a])  # days since this subject's first event, as in training
-            else:
-                t = t - t[0] + base  # the next subject starts where the previous piece ended
+            t_us = np.asarray(us_all[a + start : a + end], dtype=np.int64)
+            if not pieces:  # days since this subject's first event, as in training
+                t = (t_us - int(us_all[a])) / US_PER_DAY
+            else:  # the next subject starts where the previous piece ended
+                t = (t_us - t_us[0]) / US_PER_DAY + base
             tokens.append(np.asarray(tokens_all[a + start : a + end], dtype=np.int64))
             times.append(t)
             pieces.append(Piece(int(ids[subj]), start, end, subj))

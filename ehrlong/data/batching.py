@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ehrlong.errors import DataError
+from ehrlong.tokenizer import US_PER_DAY
 
 
 @dataclass
@@ -125,13 +126,14 @@ def padding_waste(windows: np.ndarray, batches: list[np.ndarray]) -> float:
 
 def collate(
     tokens: np.ndarray,
-    times: np.ndarray,
+    times_us: np.ndarray,
     offsets: np.ndarray,
     windows: np.ndarray,
     rows: np.ndarray,
     step_targets: int = 0,
 ) -> EventBatch:
-    """Gather `windows[rows]` from the flat store arrays into a right-padded EventBatch."""
+    """Gather `windows[rows]` from the flat store arrays (times in microseconds) into a right-padded
+    EventBatch."""
     sel = windows[rows]
     lengths = sel[:, 2] - sel[:, 1]
     B, T = len(sel), int(lengths.max())
@@ -142,7 +144,7 @@ def collate(
         n = end - start
         tok[r, :n] = tokens[start:end]
         # Days since the subject's first token, so the model never sees absolute calendar time.
-        tim[r, :n] = times[start:end] - times[offsets[subj]]
+        tim[r, :n] = (times_us[start:end] - times_us[offsets[subj]]) / US_PER_DAY
     return EventBatch(
         tokens=torch.from_numpy(tok),
         times=torch.from_numpy(tim),
@@ -179,7 +181,7 @@ class TrainBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, store, split: str, length: int, budget: int, per_step: int, seed: int, start: int = 0):
         super().__init__()
-        self.tokens, self.times, self.offsets = store.tokens, store.times, store.offsets
+        self.tokens, self.times_us, self.offsets = store.tokens, store.times_us, store.offsets
         self.split, self.length = split, length
         self.subjects = store.split_indices(split)
         self.budget, self.per_step, self.seed, self.start = budget, per_step, seed, start
@@ -234,7 +236,12 @@ class TrainBatches(torch.utils.data.IterableDataset):
             for r in self.ranks:
                 for batch in group:
                     yield collate(
-                        self.tokens, self.times, self.offsets, self.shard_windows[r], batch[r], step_targets
+                        self.tokens,
+                        self.times_us,
+                        self.offsets,
+                        self.shard_windows[r],
+                        batch[r],
+                        step_targets,
                     )
 
 
@@ -247,7 +254,7 @@ class EvalBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, store, split: str, length: int, budget: int):
-        self.tokens, self.times, self.offsets = store.tokens, store.times, store.offsets
+        self.tokens, self.times_us, self.offsets = store.tokens, store.times_us, store.offsets
         self.split, self.budget = split, budget
         self.all_windows = subject_windows(self.offsets, store.split_indices(split), length)
         self.shard(0, 1)
@@ -272,4 +279,4 @@ class EvalBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> EventBatch:
         rows = self.batches[i]
         n = int(np.maximum(self.windows[rows, 2] - self.windows[rows, 1] - 1, 0).sum())
-        return collate(self.tokens, self.times, self.offsets, self.windows, rows, step_targets=n)
+        return collate(self.tokens, self.times_us, self.offsets, self.windows, rows, step_targets=n)

@@ -139,7 +139,7 @@ def run(args: Args) -> int:
         print(f"stores DIFFER: {', '.join(diffs)}")
         return 1
     print(
-        "stores identical: tokens, times, offsets, subject_ids, splits byte for byte; tokenizer hash; report"
+        "stores identical: tokens, times_us, offsets, subject_ids, splits byte for byte; tokenizer hash; report"
     )
     return 0
 

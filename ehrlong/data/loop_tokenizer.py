@@ -20,7 +20,6 @@ import polars as pl
 from ehrlong.data.meds import SPLITS
 from ehrlong.tokenizer import (
     ALL_SPLITS,
-    US_PER_DAY,
     EncodedEvents,
     EncodeReport,
     EventTokenizer,
@@ -90,7 +89,7 @@ def encode(
     report.unk = {name: SplitUnk() for name in (SPLITS if splits is not None else [ALL_SPLITS])}
     code_info = _code_info(tokenizer)
     tokens: list[int] = []
-    times: list[float] = []
+    times: list[int] = []  # microseconds since the epoch
     offsets = [0]
     subject_ids: list[int] = []
     for subject_id in sorted(by_subject):
@@ -112,7 +111,7 @@ def encode(
         split_index = np.array([split_code(split_of[s]) for s in subject_ids], dtype=np.int8)
     return EncodedEvents(
         np.array(tokens, dtype=np.int32),
-        np.array(times, dtype=np.float64),
+        np.array(times, dtype=np.int64),
         np.array(offsets, dtype=np.int64),
         np.array(subject_ids, dtype=np.int64),
         split_index,
@@ -149,11 +148,11 @@ def _encode_subject(rows, tokenizer, code_info, report: EncodeReport, unk: Split
             bucket = bisect_right(gap_us, t_us - previous_us) - 1
             if bucket >= 0:
                 tokens.append(int(tokenizer.gap_ids[bucket]))
-                times.append(t_us / US_PER_DAY)
+                times.append(t_us)
                 report.n_gap_tokens += 1
         previous_us = t_us
         tokens.append(_event_token(code_info, code, value, text, tokenizer.recipe, report, unk))
-        times.append(t_us / US_PER_DAY)
+        times.append(t_us)
         unk.events += 1
 
 

@@ -5,7 +5,8 @@
 A store is a directory:
 
     tokens.npy       int32   [N]     token ids, subject after subject
-    times.npy        float64 [N]     days since 1970-01-01 (absolute, comparable with prediction times)
+    times_us.npy     int64   [N]     microseconds since 1970-01-01 (absolute: compared exactly with
+                                     prediction times, which MEDS also gives to the microsecond)
     offsets.npy      int64   [S+1]   subject i owns tokens[offsets[i]:offsets[i+1]]
     subject_ids.npy  int64   [S]     ascending
     splits.npy       int8    [S]     index into ehrlong.data.meds.SPLITS (train, tuning, held_out)
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import mmap
 import os
 import re
@@ -49,7 +49,6 @@ from ehrlong.tokenizer import (
     FORMAT_VERSION as TOKENIZER_FORMAT_VERSION,
 )
 from ehrlong.tokenizer import (
-    US_PER_DAY,
     EncodedEvents,
     EventTokenizer,
     TokenizerRecipe,
@@ -60,8 +59,9 @@ from ehrlong.tokenizer import (
 )
 
 FORMAT = "ehrlong.token_store"
-FORMAT_VERSION = 1
-ARRAYS = ("tokens", "times", "offsets", "subject_ids", "splits")
+# 2: times as int64 microseconds (1 held float64 days, whose last bit is ~1.3 us at MIMIC-IV's dates).
+FORMAT_VERSION = 2
+ARRAYS = ("tokens", "times_us", "offsets", "subject_ids", "splits")
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
 EPOCH = datetime(1970, 1, 1)
@@ -201,7 +201,7 @@ def _meta(data_root, recipe, tokenizer: EventTokenizer, enc: EncodedEvents, spli
         "excluded": {"subjects_without_timed_events": r.excluded_subjects, "events": r.n_excluded_events},
         "encode_report": r.to_dict(),
         "notes": [
-            "times are float64 days since 1970-01-01T00:00 (absolute)",
+            "times are int64 microseconds since 1970-01-01T00:00 (absolute)",
             "static (null-time) events are stamped with their subject's first timestamp",
             "a time-gap token is stamped with the time of the event it precedes (causal)",
             "no [BOS]/[EOS] in the store: windows add them if a model wants them",
@@ -223,7 +223,7 @@ def write_store(out: str | Path, encoded: EncodedEvents, tokenizer: EventTokeniz
     try:
         arrays = {
             "tokens": encoded.tokens.astype(np.int32, copy=False),
-            "times": encoded.times.astype(np.float64, copy=False),
+            "times_us": encoded.times_us.astype(np.int64, copy=False),
             "offsets": encoded.offsets.astype(np.int64, copy=False),
             "subject_ids": encoded.subject_ids.astype(np.int64, copy=False),
             "splits": encoded.split_index.astype(np.int8, copy=False),
@@ -308,18 +308,22 @@ def ensure_store(
 # ---------------------------------------------------------------------------------------------------
 
 
-def to_days(value: float | int | datetime | np.datetime64) -> float:
-    """Days since 1970-01-01, computed exactly as the store's times are (integer us / us per day)."""
+def to_us(value: int | np.integer | datetime | np.datetime64) -> int:
+    """Microseconds since 1970-01-01, as the store's times are: a datetime (aware ones in UTC), a numpy
+    datetime64, or an integer already in microseconds."""
     if isinstance(value, datetime):
         if value.tzinfo is not None:
             value = value.astimezone(UTC).replace(tzinfo=None)
-        return ((value - EPOCH) // ONE_US) / US_PER_DAY
+        return (value - EPOCH) // ONE_US
     if isinstance(value, np.datetime64):
-        return int(value.astype("datetime64[us]").astype(np.int64)) / US_PER_DAY
-    days = float(value)
-    if not math.isfinite(days):
-        raise ValueError(f"time {value!r} is not finite")
-    return days
+        if np.isnat(value):
+            raise ValueError("time NaT is not a time")
+        return int(value.astype("datetime64[us]").astype(np.int64))
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        return int(value)
+    raise TypeError(
+        f"time {value!r}: give a datetime, a numpy datetime64 or integer microseconds since the epoch"
+    )
 
 
 class TokenStore:
@@ -329,7 +333,7 @@ class TokenStore:
         self.root = root
         self.meta = meta
         self.tokens = arrays["tokens"]
-        self.times = arrays["times"]
+        self.times_us = arrays["times_us"]
         self.offsets = arrays["offsets"]
         self.subject_ids = arrays["subject_ids"]
         self.splits = arrays["splits"]
@@ -339,7 +343,7 @@ class TokenStore:
         """Unmap the pages read so far from this process (the OS keeps them in its file cache). A pass over
         many subjects touches pages all over the store; without this they stay counted in the process's
         resident memory, which then grows with the cohort although nothing is held."""
-        for array in (self.tokens, self.times):
+        for array in (self.tokens, self.times_us):
             mapping = getattr(array, "_mmap", None)  # numpy's memmap keeps its mmap.mmap here
             if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
                 mapping.madvise(mmap.MADV_DONTNEED)
@@ -369,11 +373,11 @@ class TokenStore:
             len(self.offsets) != s + 1
             or len(self.splits) != s
             or self.offsets[-1] != len(self.tokens)
-            or len(self.times) != len(self.tokens)
+            or len(self.times_us) != len(self.tokens)
         ):
             raise DataError(
                 f"token store {self.root} has inconsistent array lengths (subjects {s}, offsets "
-                f"{len(self.offsets)}, tokens {len(self.tokens)}, times {len(self.times)}); rebuild it."
+                f"{len(self.offsets)}, tokens {len(self.tokens)}, times {len(self.times_us)}); rebuild it."
             )
 
     @property
@@ -409,17 +413,18 @@ class TokenStore:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
     def window(self, subject_id: int, before, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """The last `length` tokens of `subject_id` with time <= `before`, and their times (read-only views).
+        """The last `length` tokens of `subject_id` with time <= `before`, and their times in microseconds
+        (read-only views).
 
-        `before` is a datetime / numpy datetime64 or float days since the epoch. Reads only this subject's
-        slice (binary search on its times); empty arrays when nothing precedes `before`.
+        `before` is a datetime / numpy datetime64 or integer microseconds since the epoch (to_us). Reads
+        only this subject's slice (binary search on its times); empty arrays when nothing precedes `before`.
         """
         if length < 1:
             raise ValueError(f"window length must be >= 1, got {length}")
         s = self.subject_slice(self.subject_index(subject_id))
-        end = s.start + int(np.searchsorted(self.times[s], to_days(before), side="right"))
+        end = s.start + int(np.searchsorted(self.times_us[s], to_us(before), side="right"))
         start = max(s.start, end - length)
-        return self.tokens[start:end], self.times[start:end]
+        return self.tokens[start:end], self.times_us[start:end]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from ehrlong.errors import ConfigError, DataError, first_line
 from ehrlong.module import EHRLitModule
 from ehrlong.tokenizer import EventTokenizer
 
-EPOCH = np.datetime64("1970-01-01T00:00:00", "us")
 TRAIN_PROG = "python -m ehrlong.train"
 
 
@@ -158,19 +157,19 @@ class Windows:
 def label_windows(store: TokenStore, labels: pl.DataFrame, length: int) -> Windows:
     """The last `length` tokens at or before each label's prediction_time (time <= prediction_time)."""
     subject_ids = labels["subject_id"].to_numpy()
-    pred = labels["prediction_time"].cast(pl.Datetime("us")).to_numpy()
-    pred_days = (pred - EPOCH).astype("timedelta64[us]").astype(np.float64) / 86_400e6
+    # Integer microseconds on both sides: the cut is exact (an event 1 us after prediction_time stays out).
+    pred_us = labels["prediction_time"].cast(pl.Datetime("us")).to_physical().to_numpy()
     store_ids = np.asarray(store.subject_ids)
     order = np.argsort(store_ids, kind="stable")
     pos = np.searchsorted(store_ids, subject_ids, sorter=order)
     pos = np.minimum(pos, len(order) - 1)
     subj = order[pos]
     known = store_ids[subj] == subject_ids
-    offsets, times = np.asarray(store.offsets), store.times
+    offsets, times_us = np.asarray(store.offsets), store.times_us
     windows = np.zeros((len(labels), 3), dtype=np.int64)
     for i in np.flatnonzero(known):
         s, e = offsets[subj[i]], offsets[subj[i] + 1]
-        end = s + int(np.searchsorted(times[s:e], pred_days[i], side="right"))
+        end = s + int(np.searchsorted(times_us[s:e], pred_us[i], side="right"))
         windows[i] = (subj[i], max(s, end - length), end)
     has_history = windows[:, 2] > windows[:, 1]
     return Windows(
@@ -198,13 +197,13 @@ def embed_windows(
     order = np.argsort(-lengths, kind="stable")  # longest first: rows of a batch have similar lengths
     device = next(module.parameters()).device
     tokens_per_batch = tokens_per_batch or default_tokens_per_batch(device)
-    tokens, times, offsets = store.tokens, store.times, np.asarray(store.offsets)
+    tokens, times_us, offsets = store.tokens, store.times_us, np.asarray(store.offsets)
     bar = tqdm(total=len(windows), desc="representations", unit="label", disable=not progress)
     i = 0
     while i < len(order):
         longest = int(lengths[order[i]])
         rows = order[i : i + max(1, tokens_per_batch // longest)]
-        batch = collate(tokens, times, offsets, windows, rows)
+        batch = collate(tokens, times_us, offsets, windows, rows)
         hidden = module.backbone(
             tokens=batch.tokens.to(device), times=batch.times.to(device), mask=batch.mask.to(device)
         )
