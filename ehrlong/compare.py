@@ -74,7 +74,9 @@ BENCHMARK_HINT = "python -m ehrlong.benchmark run=runs/<config_name>/<timestamp>
 @dataclass
 class Args:
     experiment: str = TrackingConfig.experiment  # the MLflow experiment training logs into
-    metric: str = "auroc"  # auroc | auprc | brier (evaluate) | effective_length[_far] | bench_score (benchmark)
+    metric: str = (
+        "auroc"  # auroc | auprc | brier (evaluate) | effective_length[_far] | bench_score (benchmark)
+    )
     length: int | None = None  # metric=bench_score only (required there): the haystack length in tokens
     task: list[str] = field(default_factory=list)  # a,b; empty = every task some run has the metric for
     by: str = "context_length"  # the columns' tag: backbone | context_length | config_name | dataset | size

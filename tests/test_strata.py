@@ -170,3 +170,20 @@ def test_meds_strata_matches_arrays_and_excludes_birth():
     whole = meds_strata(events)
     assert whole["subject_id"].to_list() == [1, 2]
     assert whole["event_count"].to_list() == [6, 1]
+
+
+def test_meds_strata_cut_is_exact_to_the_microsecond():
+    # At MIMIC-IV's shifted dates float64 days cannot tell some t from t + 1 us: find such a t.
+    us, day = dt.timedelta(microseconds=1), 86_400_000_000
+    t = dt.datetime(2180, 5, 17, 8, 30)
+    while ((t + us) - dt.datetime(1970, 1, 1)) // us / day != (t - dt.datetime(1970, 1, 1)) // us / day:
+        t += us
+    events = _meds_frame([(1, t - dt.timedelta(days=2), "A"), (1, t, "B"), (1, t + us, "C")])
+    cutoffs = pl.DataFrame(
+        {"subject_id": [1, 1], "prediction_time": [t, t + us]},
+        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")},
+    )
+    out = meds_strata(events, cutoffs)
+    assert out["event_count"].to_list() == [2, 3]
+    assert out["irregularity"].to_list()[0] != out["irregularity"].to_list()[0]  # NaN: one gap only
+    assert out["irregularity"].to_list()[1] == pytest.approx(np.std([2.0, 1 / day]))

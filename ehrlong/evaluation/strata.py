@@ -265,8 +265,10 @@ def meds_strata(
     `cutoffs` (subject_id, prediction_time; e.g. a label file) gives one output row per cutoff row (a
     subject may have many), in their order; a subject without events gets event_count 0 and NaN strata.
     Without cutoffs: one row per subject with events, whole history. Each subject's events are put in MEDS
-    order (static rows first, then by time; ties keep their given order). Times become float days since
-    1970; static (null-time) rows count as events but have no gap.
+    order (static rows first, then by time; ties keep their given order). Static (null-time) rows count
+    as events but have no gap. Times go to strata_at as float64 microseconds, exact below 2**53 us (the
+    year 2255), so the cut at a prediction time is exact as in the token store (float64 days are not, at
+    MIMIC-IV's shifted dates); irregularity comes back in days.
     """
     events = events.lazy().select("subject_id", "time", "code")
     if cutoffs is None:
@@ -281,7 +283,7 @@ def meds_strata(
         .select(
             "subject_id",
             pl.col("code").cast(pl.Categorical).to_physical().alias("code_id"),
-            (pl.col("time").dt.epoch("us").cast(pl.Float64) / DAY_US).fill_null(float("nan")).alias("day"),
+            pl.col("time").dt.epoch("us").cast(pl.Float64).fill_null(float("nan")).alias("us"),
         )
         .collect()
     )
@@ -290,10 +292,11 @@ def meds_strata(
     cut_time = subjects["prediction_time"].dt.epoch("us").cast(pl.Float64).fill_null(float("nan")).to_numpy()
     out = strata_at(
         rows["code_id"].to_numpy(),
-        rows["day"].to_numpy(),
+        rows["us"].to_numpy(),
         offsets,
         np.searchsorted(wanted, subjects["subject_id"].to_numpy()),
-        cut_time / DAY_US,
+        cut_time,
         distinct_times=distinct_times,
     )
+    out["irregularity"] = out["irregularity"] / DAY_US  # a standard deviation scales with its unit
     return subjects.with_columns(**{name: out[name] for name in STRATA_COLUMNS})
