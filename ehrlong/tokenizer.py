@@ -226,6 +226,28 @@ class EncodeReport:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def merge(cls, reports: Sequence[EncodeReport]) -> EncodeReport:
+        """The report of encoding subject-disjoint parts one after the other: counts add up, unknown codes
+        too (most frequent first, as one encode lists them); input_sorted holds if no part was re-sorted."""
+        out = cls(input_sorted=all(r.input_sorted for r in reports))
+        for f in dataclasses.fields(cls):
+            if f.type == "int":
+                setattr(out, f.name, sum(getattr(r, f.name) for r in reports))
+        out.excluded_subjects = sorted(s for r in reports for s in r.excluded_subjects)
+        for name in dict.fromkeys(k for r in reports for k in r.unk):
+            parts = [r.unk[name] for r in reports if name in r.unk]
+            codes: dict[str, int] = {}
+            for part in parts:
+                for code, n in part.codes.items():
+                    codes[code] = codes.get(code, 0) + n
+            out.unk[name] = SplitUnk(
+                events=sum(p.events for p in parts),
+                unk=sum(p.unk for p in parts),
+                codes=dict(sorted(codes.items(), key=lambda kv: (-kv[1], kv[0]))),
+            )
+        return out
+
 
 @dataclass
 class EncodedEvents:
@@ -237,6 +259,29 @@ class EncodedEvents:
     subject_ids: np.ndarray  # int64 [S], ascending
     split_index: np.ndarray | None  # int8 [S] index into SPLITS, when encode() was given splits
     report: EncodeReport
+
+    @classmethod
+    def concat(cls, parts: Sequence[EncodedEvents]) -> EncodedEvents:
+        """Subject-disjoint encodings as one, subjects ascending: what encode() gives for all their events."""
+        sizes = [len(p.tokens) for p in parts]
+        shifts = np.cumsum([0, *sizes])
+        offsets = np.concatenate(
+            [p.offsets[:-1] + k for p, k in zip(parts, shifts, strict=False)] + [shifts[-1:]]
+        )
+        splits = (
+            None
+            if any(p.split_index is None for p in parts)
+            else np.concatenate([p.split_index for p in parts])
+        )
+        report = EncodeReport.merge([p.report for p in parts])
+        tokens, times_us, offsets, subject_ids, splits = _ascending_subjects(
+            np.concatenate([p.tokens for p in parts]),
+            np.concatenate([p.times_us for p in parts]),
+            offsets.astype(np.int64),
+            np.concatenate([p.subject_ids for p in parts]),
+            splits,
+        )
+        return cls(tokens, times_us, offsets, subject_ids, splits, report)
 
 
 # ---------------------------------------------------------------------------------------------------

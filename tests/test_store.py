@@ -12,9 +12,10 @@ import polars as pl
 import pytest
 
 from ehrlong.data import benchmark
+from ehrlong.data import store as store_module
 from ehrlong.data.__main__ import main as data_main
 from ehrlong.data.meds import EVENT_SCHEMA, SPLITS
-from ehrlong.data.store import ARRAYS, TokenStore, build_store, ensure_store, to_us
+from ehrlong.data.store import ARRAYS, TokenStore, build_store, ensure_store, shard_chunks, to_us
 from ehrlong.errors import DataError
 from ehrlong.tokenizer import EventTokenizer, TokenizerRecipe
 
@@ -93,6 +94,47 @@ def test_loop_reference_builds_the_identical_store(tricky_root, store_dir, tmp_p
     assert not report["input_sorted"] and report["excluded_subjects"] == [999]
     assert report["n_static_events"] > 0 and report["n_text_tokens"] > 0 and report["n_nonfinite_numeric"] > 0
     assert report["unk"]["held_out"]["codes"] and report["n_gap_tokens"] > 0
+
+
+def test_encoding_in_shard_chunks_gives_the_store_of_one_piece(tmp_path, monkeypatch):
+    """build_store encodes groups of whole shards (store.CHUNK_EVENTS) to bound memory: the store must be
+    the one a single encode gives, also when a subject spreads over two shards that are not neighbours."""
+    df, split_of = tricky_events(seed=3)
+    ids = sorted(split_of)
+    spread = ids[0]  # half its events in shard 0, half in shard 2
+    shard_of = {s: i % 4 for i, s in enumerate(ids)}
+    root = write_meds(tmp_path / "meds", df, split_of)
+    for f in (root / "data").rglob("*.parquet"):
+        f.unlink()
+    rows = df.with_row_index("row").with_columns(
+        pl.col("subject_id").replace_strict(shard_of, return_dtype=pl.Int64).alias("shard")
+    )
+    rows = rows.with_columns(
+        pl.when((pl.col("subject_id") == spread) & (pl.col("row") % 2 == 1))
+        .then(2)
+        .otherwise(pl.col("shard"))
+        .alias("shard")
+    )
+    files = []
+    for k in range(4):
+        files.append(root / "data" / f"{k}.parquet")
+        rows.filter(pl.col("shard") == k).drop("row", "shard").write_parquet(files[-1])
+    assert rows.filter(pl.col("subject_id") == spread)["shard"].unique().sort().to_list() == [0, 2]
+
+    assert shard_chunks(files, max_events=1) == [[files[0], files[2]], [files[1]], [files[3]]]
+    assert shard_chunks(files, max_events=10**9) == [files]
+    sizes = [pl.read_parquet(f).height for f in files]
+    assert shard_chunks(files, max_events=sizes[0] + sizes[2] + sizes[1]) == [files[:3], [files[3]]]
+
+    whole = build_store(root, RECIPE, tmp_path / "whole", progress=False)
+    monkeypatch.setattr(store_module, "CHUNK_EVENTS", 1)  # one chunk per shard group: 3 encodes
+    chunked = build_store(root, RECIPE, tmp_path / "chunked", progress=False)
+    assert benchmark.store_differences(whole.out, chunked.out) == []
+    a, b = whole.meta["encode_report"], chunked.meta["encode_report"]
+    # input_sorted says whether any piece needed a re-sort, so it may differ; every count must not.
+    assert a.pop("input_sorted") is False
+    b.pop("input_sorted")
+    assert a == b and a["unk"]["held_out"]["codes"] and a["excluded_subjects"] == [999]
 
 
 def test_store_differences_notices_a_changed_token(store_dir, tmp_path):

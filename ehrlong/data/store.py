@@ -42,7 +42,17 @@ from tqdm.auto import tqdm
 from ehrlong import __version__
 from ehrlong.config import MISSING
 from ehrlong.data import loop_tokenizer
-from ehrlong.data.meds import SPLIT, SPLITS, SUBJECT_ID, data_files, dataset_name, read_splits, scan_events
+from ehrlong.data.meds import (
+    SPLIT,
+    SPLITS,
+    SUBJECT_ID,
+    data_files,
+    dataset_name,
+    read_footer,
+    read_splits,
+    scan_events,
+    scan_shard,
+)
 from ehrlong.errors import ConfigError, DataError
 from ehrlong.paths import cache_root
 from ehrlong.tokenizer import (
@@ -54,6 +64,7 @@ from ehrlong.tokenizer import (
     TokenizerRecipe,
     collect_events,
     load_recipe,
+    missing_subjects_error,
     recipe_dict,
     recipe_hash,
 )
@@ -66,6 +77,11 @@ TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
 EPOCH = datetime(1970, 1, 1)
 ONE_US = timedelta(microseconds=1)
+
+# The encode stage works on groups of whole shards of up to this many events (shard_chunks), so it holds
+# one group's events and intermediates at a time, not the cohort's: in one piece, encoding a 98M-event
+# cohort peaked at 8.4 GB.
+CHUNK_EVENTS = 10_000_000
 
 # name -> (fit, encode). The loop is the readable reference the vectorised path is tested and timed against.
 IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
@@ -121,20 +137,83 @@ def build_store(
         clock.start("read")
         # Unsorted read: encode() checks the order itself and only re-sorts when a subject's events are
         # out of time order; MEDS shards usually just list subjects out of id order, which is cheap to fix.
-        events = collect_events(scan_events(data_root, sort=False))
+        events = scan_events(data_root, sort=False)  # lazy: fit collects the train subjects' events only
         splits = read_splits(data_root)
+        chunks = shard_chunks(data_files(data_root), CHUNK_EVENTS)
+        _check_split_coverage(chunks, splits)
         clock.start("fit")
         fitted_here = tokenizer is None
         if fitted_here:
             tokenizer = fit(events, _train_subjects(splits, data_root), recipe)
         clock.start("encode")
-        encoded = encode(tokenizer, events, splits)
+        parts = [
+            encode(tokenizer, collect_events(pl.concat([scan_shard(p) for p in chunk])), splits)
+            for chunk in tqdm(
+                chunks, desc="encode", unit="chunk", leave=False, disable=not progress or len(chunks) < 2
+            )
+        ]
+        encoded = EncodedEvents.concat(parts)
+        del parts
         clock.start("write")
         meta = _meta(data_root, recipe, tokenizer, encoded, splits, implementation)
         meta["tokenizer"]["fitted_here"] = fitted_here
         write_store(out, encoded, tokenizer, meta)
         clock.start(None)
     return BuildResult(out, meta, seconds)
+
+
+def shard_chunks(files: list[Path], max_events: int = CHUNK_EVENTS) -> list[list[Path]]:
+    """Shards grouped for encoding, each group in path order: a subject's shards always share a group
+    (MEDS keeps a subject in one shard; ehrlong merges one spread over several, as scan_events does), and
+    groups are packed in order of their first shard up to `max_events` events (a bigger group stays whole)."""
+    parent = list(range(len(files)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owners = pl.concat(
+        [
+            scan_shard(path, with_text=False)
+            .select(SUBJECT_ID)
+            .unique()
+            .with_columns(pl.lit(i).alias("shard"))
+            for i, path in enumerate(files)
+        ]
+    ).collect()
+    spread = owners.group_by(SUBJECT_ID).agg(pl.col("shard")).filter(pl.col("shard").list.len() > 1)
+    for shards in spread["shard"].to_list():
+        for other in shards[1:]:
+            parent[root(other)] = root(shards[0])
+    groups: dict[int, list[int]] = {}
+    for i in range(len(files)):
+        groups.setdefault(root(i), []).append(i)
+    rows = [read_footer(path).num_rows for path in files]
+    chunks: list[list[int]] = []
+    size = 0
+    for members in sorted(groups.values()):
+        n = sum(rows[i] for i in members)
+        if not chunks or size + n > max_events:
+            chunks.append([])
+            size = 0
+        chunks[-1] += members
+        size += n
+    return [[files[i] for i in sorted(chunk)] for chunk in chunks]
+
+
+def _check_split_coverage(chunks: list[list[Path]], splits: pl.DataFrame) -> None:
+    """Every subject with events has a split: checked over the whole cohort at once, so the error lists
+    all the missing subjects, not those of the first chunk that meets one."""
+    ids = (
+        pl.concat([scan_shard(p, with_text=False).select(SUBJECT_ID) for chunk in chunks for p in chunk])
+        .unique()
+        .collect()[SUBJECT_ID]
+    )
+    missing = ids.filter(~ids.is_in(splits[SUBJECT_ID].cast(pl.Int64).implode())).sort()
+    if len(missing):
+        raise missing_subjects_error(missing.to_list())
 
 
 class _StageClock:
