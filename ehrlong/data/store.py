@@ -139,8 +139,10 @@ def build_store(
         # out of time order; MEDS shards usually just list subjects out of id order, which is cheap to fix.
         events = scan_events(data_root, sort=False)  # lazy: fit collects the train subjects' events only
         splits = read_splits(data_root)
-        chunks = shard_chunks(data_files(data_root), CHUNK_EVENTS)
-        _check_split_coverage(chunks, splits)
+        files = data_files(data_root)
+        owners = subject_shards(files)
+        _check_split_coverage(owners, splits)
+        chunks = shard_chunks(files, CHUNK_EVENTS, owners)
         clock.start("fit")
         fitted_here = tokenizer is None
         if fitted_here:
@@ -162,19 +164,9 @@ def build_store(
     return BuildResult(out, meta, seconds)
 
 
-def shard_chunks(files: list[Path], max_events: int = CHUNK_EVENTS) -> list[list[Path]]:
-    """Shards grouped for encoding, each group in path order: a subject's shards always share a group
-    (MEDS keeps a subject in one shard; ehrlong merges one spread over several, as scan_events does), and
-    groups are packed in order of their first shard up to `max_events` events (a bigger group stays whole)."""
-    parent = list(range(len(files)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    owners = pl.concat(
+def subject_shards(files: list[Path]) -> pl.DataFrame:
+    """(subject_id, shard): which shards (indices into `files`) hold events of each subject."""
+    return pl.concat(
         [
             scan_shard(path, with_text=False)
             .select(SUBJECT_ID)
@@ -183,6 +175,24 @@ def shard_chunks(files: list[Path], max_events: int = CHUNK_EVENTS) -> list[list
             for i, path in enumerate(files)
         ]
     ).collect()
+
+
+def shard_chunks(
+    files: list[Path], max_events: int = CHUNK_EVENTS, owners: pl.DataFrame | None = None
+) -> list[list[Path]]:
+    """Shards grouped for encoding, each group in path order: a subject's shards always share a group
+    (MEDS keeps a subject in one shard; ehrlong merges one spread over several, as scan_events does), and
+    groups are packed in order of their first shard up to `max_events` events (a bigger group stays whole).
+    `owners`: subject_shards(files), when already read."""
+    owners = subject_shards(files) if owners is None else owners
+    parent = list(range(len(files)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
     spread = owners.group_by(SUBJECT_ID).agg(pl.col("shard")).filter(pl.col("shard").list.len() > 1)
     for shards in spread["shard"].to_list():
         for other in shards[1:]:
@@ -203,14 +213,10 @@ def shard_chunks(files: list[Path], max_events: int = CHUNK_EVENTS) -> list[list
     return [[files[i] for i in sorted(chunk)] for chunk in chunks]
 
 
-def _check_split_coverage(chunks: list[list[Path]], splits: pl.DataFrame) -> None:
+def _check_split_coverage(owners: pl.DataFrame, splits: pl.DataFrame) -> None:
     """Every subject with events has a split: checked over the whole cohort at once, so the error lists
     all the missing subjects, not those of the first chunk that meets one."""
-    ids = (
-        pl.concat([scan_shard(p, with_text=False).select(SUBJECT_ID) for chunk in chunks for p in chunk])
-        .unique()
-        .collect()[SUBJECT_ID]
-    )
+    ids = owners[SUBJECT_ID].unique()
     missing = ids.filter(~ids.is_in(splits[SUBJECT_ID].cast(pl.Int64).implode())).sort()
     if len(missing):
         raise missing_subjects_error(missing.to_list())
