@@ -10,7 +10,7 @@ Long-context benchmarks of a trained run on its own dataset (issue 7; ehrlong.be
       -> per (task, length, depth): mean score, n, 95% CI; per task: effective length (RULER's rule,
          relative to the model's own shortest-length score) and a length x depth heatmap
 
-Writes results.{parquet,csv}, effective_length.csv, per_sample.parquet, heatmap_<task>.png,
+Writes results.{parquet,csv}, effective_length.csv, per_sample.parquet, heatmap_<task>.png, heatmaps.png (all tasks),
 finetune.json + finetuned.ckpt (the fine-tuned weights; the run's model.ckpt is never touched) and
 summary.txt into `out` (default <runs root>/benchmarks/<timestamp>), all at once or nothing; logs
 bench/<task>/L<length>, bench/<task>/effective_length and the files to the run's MLflow run.
@@ -211,7 +211,7 @@ def benchmark(args: Args) -> Path:
 
     from ehrlong.benchmarks import Haystack, ProbeTokens, aggregate, make_samples, score_samples
     from ehrlong.benchmarks.finetune import finetune, finetune_lengths
-    from ehrlong.benchmarks.report import by_length, effective_table, far_rows, heatmap, summary
+    from ehrlong.benchmarks.report import by_length, effective_table, far_rows, heatmap, heatmap_grid, summary
     from ehrlong.evaluation.representations import (
         data_root,
         default_tokens_per_batch,
@@ -323,6 +323,15 @@ def benchmark(args: Args) -> Path:
             )
             for t in tasks
         ]
+        if len(tasks) > 1:
+            plots.append(
+                heatmap_grid(
+                    results,
+                    effective,
+                    tmp / "heatmaps.png",
+                    f"{run.cfg.config_name} (context {run.context_length:,}), seed {args.seed}",
+                )
+            )
         if tuned is not None:
             _save_finetuned(tmp, tuned, run, trainable, args, finetune_length)
         (tmp / "summary.txt").write_text(text)

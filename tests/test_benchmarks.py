@@ -460,8 +460,8 @@ def test_cli_end_to_end(trained):
     effective = pl.read_csv(out / "effective_length.csv")
     assert set(effective["task"]) == set(TASKS) | {"retrieval_mean"}
     assert effective["rule"][0].count("85.6") >= 2 and "Llama-2-7B" in effective["rule"][0]
-    for name in TASKS:
-        assert (out / f"heatmap_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in [*(f"heatmap_{t}" for t in TASKS), "heatmaps"]:  # one per task, and all in one
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.txt").read_text()
     assert "Llama-2-7B" in summary and "needle_single" in summary and "192" in summary
     assert "beyond the training context: 192" in summary
@@ -497,7 +497,9 @@ def test_cli_end_to_end(trained):
             f"benchmark/{out.name}",
         )
     ]
-    assert any(a.endswith("summary.txt") for a in artifacts)
+    assert any(a.endswith("summary.txt") for a in artifacts) and any(
+        a.endswith("heatmaps.png") for a in artifacts
+    )
 
 
 def test_cli_bad_input_exits_2_names_the_value_and_writes_nothing(trained, tmp_path, capsys):

@@ -155,20 +155,9 @@ def effective_table(per_length: pl.DataFrame, per_length_far: pl.DataFrame | Non
     return pl.from_dicts(rows, infer_schema_length=None)
 
 
-def heatmap(
-    results: pl.DataFrame,
-    task: str,
-    path: Path,
-    effective: int | None = None,
-    effective_far: int | None = None,
-) -> Path:
-    """Length (rows) x depth (columns) mean score of one task, each cell annotated with score and n; the
-    title gives the effective length, and the one without depth 1 when the depths go below 1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _draw_heatmap(ax, results: pl.DataFrame, task: str, effective: int | None, effective_far: int | None):
+    """One task's length (rows) x depth (columns) mean scores on `ax`, each cell annotated with score and
+    n; the title gives the effective length, and the one without depth 1 when the depths go below 1."""
     part = results.filter(pl.col("task") == task)
     lengths = sorted(part["length"].unique().to_list())
     depths = sorted(part["depth"].unique().to_list())
@@ -184,7 +173,6 @@ def heatmap(
     else:  # loss drop / Δ log p: centred on 0 (chance)
         bound = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
         vmin, vmax, cmap = -max(bound, 1e-6), max(bound, 1e-6), "RdBu"
-    fig, ax = plt.subplots(figsize=(1.1 * len(depths) + 2.5, 0.55 * len(lengths) + 2))
     im = ax.imshow(grid, vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
     for r in range(len(lengths)):
         for c in range(len(depths)):
@@ -207,9 +195,57 @@ def heatmap(
     if any(d < FAR_DEPTH for d in depths):
         title += f" (without depth 1: {_fmt_length(effective_far)})"
     ax.set_title(title, fontsize=9)
+    return im, (len(lengths), len(depths))
+
+
+def heatmap(
+    results: pl.DataFrame,
+    task: str,
+    path: Path,
+    effective: int | None = None,
+    effective_far: int | None = None,
+) -> Path:
+    """One task's heatmap (_draw_heatmap) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    part = results.filter(pl.col("task") == task)
+    n_lengths, n_depths = part["length"].n_unique(), part["depth"].n_unique()
+    fig, ax = plt.subplots(figsize=(1.1 * n_depths + 2.5, 0.55 * n_lengths + 2))
+    im, _ = _draw_heatmap(ax, results, task, effective, effective_far)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def heatmap_grid(results: pl.DataFrame, effective: pl.DataFrame, path: Path, title: str = "") -> Path:
+    """Every task's heatmap in one PNG (3 per row), to see a whole suite at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = results["task"].unique(maintain_order=True).to_list()
+    eff = {r["task"]: r for r in effective.iter_rows(named=True)}
+    n_lengths, n_depths = results["length"].n_unique(), results["depth"].n_unique()
+    cols = min(3, len(tasks))
+    rows = -(-len(tasks) // cols)
+    w, h = 1.1 * n_depths + 2.5, 0.55 * n_lengths + 2
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        e = eff.get(task, {})
+        im, _ = _draw_heatmap(ax, results, task, e.get("effective_length"), e.get("effective_length_far"))
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
