@@ -246,9 +246,11 @@ def _results(run, metric: str, length: int | None = None) -> tuple[RunResults, b
             metric == BENCH_SCORE and kind == "score" and n == length
         ):
             values[(task, "all", None)][part] = float(v)
-    if metric in EFFECTIVE_METRICS:
-        # ehrlong.benchmark logs no effective_length when a task has none (shortest-length score not above
-        # chance): a task with scores but no effective length is a result, "none", not a missing cell.
+    # ehrlong.benchmark logs no effective_length when a task has none (shortest-length score not above
+    # chance): a task with scores but no effective length is a result, "none", not a missing cell. Runs
+    # benchmarked before effective_length_far existed logged none of it: for them it is missing, not none.
+    far_known = any(kind == EFFECTIVE_LENGTH_FAR for kind in _bench_kinds(run.data.metrics))
+    if metric == EFFECTIVE_LENGTH or (metric == EFFECTIVE_LENGTH_FAR and far_known):
         for task in lengths:
             values[(task, "all", None)].setdefault("value", None)
     values = {k: v for k, v in values.items() if "value" in v}  # a CI bound without its value: not a result
@@ -256,6 +258,10 @@ def _results(run, metric: str, length: int | None = None) -> tuple[RunResults, b
     res = RunResults(info.run_id, info.run_name or "", int(info.start_time or 0), dict(run.data.tags), values)
     res.lengths = {t: sorted(ns) for t, ns in lengths.items()}
     return res, any_of_family
+
+
+def _bench_kinds(metrics: dict[str, float]) -> set[str]:
+    return {parsed[1] for parsed in map(parse_bench_key, metrics) if parsed is not None}
 
 
 def _number(value: str) -> float | None:

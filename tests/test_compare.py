@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from types import SimpleNamespace
 
 import matplotlib.image
 import mlflow
@@ -30,7 +31,16 @@ import polars as pl
 import pytest
 from mlflow.entities import Metric
 
-from ehrlong.compare import CSV_COLUMNS, PROG, Args, compare, main, parse_bench_key, parse_metric_key
+from ehrlong.compare import (
+    CSV_COLUMNS,
+    PROG,
+    Args,
+    _results,
+    compare,
+    main,
+    parse_bench_key,
+    parse_metric_key,
+)
 from ehrlong.config import parse
 from ehrlong.errors import ConfigError, DataError, run_cli
 from ehrlong.evaluate import STRATA
@@ -439,6 +449,23 @@ def test_effective_length_without_depth_one_is_read_from_its_own_key(store, tmp_
     assert "depths below 1" in far.text and "effective_length_far_vs_context_length.png" in {
         p.name for p in far.out.iterdir()
     }
+
+
+def test_runs_benchmarked_before_the_far_rule_have_no_far_value():
+    """A run whose benchmark logged no effective_length_far at all (an older ehrlong) has no such result,
+    shown as '-'; 'none' means benchmarked under the rule with no effective length."""
+
+    def run(metrics):
+        info = SimpleNamespace(run_id="r", run_name="r", start_time=0)
+        return SimpleNamespace(info=info, data=SimpleNamespace(metrics=metrics, tags={}))
+
+    old = {f"bench/{NS}/L1024": 0.9, f"bench/{NS}/L4096": 0.5, f"bench/{NS}/effective_length": 1024.0}
+    res, found = _results(run(old), "effective_length_far", None)
+    assert found and res.values == {}
+    assert _results(run(old), "effective_length", None)[0].values == {(NS, "all", None): {"value": 1024.0}}
+    new = old | {f"bench/{LK}/L1024": 0.1, f"bench/{LK}/effective_length_far": 1024.0}
+    res, _ = _results(run(new), "effective_length_far", None)
+    assert res.values == {(NS, "all", None): {"value": None}, (LK, "all", None): {"value": 1024.0}}
 
 
 def test_bench_score_at_one_length(store, tmp_path):
