@@ -221,7 +221,7 @@ def _results(run, metric: str, length: int | None = None) -> tuple[RunResults, b
     """The run's values for `metric`, and whether it has any metric of its family (eval/ or bench/) at all."""
     values: dict[tuple[str, str, int | None], dict[str, float | None]] = defaultdict(dict)
     lengths: dict[str, set[int]] = defaultdict(set)
-    any_of_family = False
+    any_of_family = far_known = False
     bench = metric in BENCH_METRICS
     for key, v in run.data.metrics.items():
         if not bench:
@@ -240,6 +240,7 @@ def _results(run, metric: str, length: int | None = None) -> tuple[RunResults, b
         if v is None or math.isnan(v):
             continue
         task, kind, n, part = parsed_bench
+        far_known = far_known or kind == EFFECTIVE_LENGTH_FAR
         if kind == "score" and part == "value":
             lengths[task].add(n)
         if (metric in EFFECTIVE_METRICS and kind == metric) or (
@@ -249,7 +250,6 @@ def _results(run, metric: str, length: int | None = None) -> tuple[RunResults, b
     # ehrlong.benchmark logs no effective_length when a task has none (shortest-length score not above
     # chance): a task with scores but no effective length is a result, "none", not a missing cell. Runs
     # benchmarked before effective_length_far existed logged none of it: for them it is missing, not none.
-    far_known = any(kind == EFFECTIVE_LENGTH_FAR for kind in _bench_kinds(run.data.metrics))
     if metric == EFFECTIVE_LENGTH or (metric == EFFECTIVE_LENGTH_FAR and far_known):
         for task in lengths:
             values[(task, "all", None)].setdefault("value", None)
@@ -258,10 +258,6 @@ def _results(run, metric: str, length: int | None = None) -> tuple[RunResults, b
     res = RunResults(info.run_id, info.run_name or "", int(info.start_time or 0), dict(run.data.tags), values)
     res.lengths = {t: sorted(ns) for t, ns in lengths.items()}
     return res, any_of_family
-
-
-def _bench_kinds(metrics: dict[str, float]) -> set[str]:
-    return {parsed[1] for parsed in map(parse_bench_key, metrics) if parsed is not None}
 
 
 def _number(value: str) -> float | None:

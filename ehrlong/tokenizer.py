@@ -263,6 +263,8 @@ class EncodedEvents:
     @classmethod
     def concat(cls, parts: Sequence[EncodedEvents]) -> EncodedEvents:
         """Subject-disjoint encodings as one, subjects ascending: what encode() gives for all their events."""
+        if len(parts) == 1:  # one chunk (cohorts under store.CHUNK_EVENTS): nothing to join
+            return parts[0]
         sizes = [len(p.tokens) for p in parts]
         shifts = np.cumsum([0, *sizes])
         offsets = np.concatenate(
