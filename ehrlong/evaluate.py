@@ -217,40 +217,49 @@ def _bootstrap_rows(preds: pl.DataFrame, labels: pl.DataFrame, n_boot: int, prog
 def _comparisons(
     preds: pl.DataFrame, labels: pl.DataFrame, models: list[Model], n_boot: int, progress: bool
 ) -> pl.DataFrame:
-    """Every longer-context run against every shorter one, k=all: paired differences and win rates."""
+    """Every longer-context run against every shorter one, and every longer count baseline against every
+    shorter one (what the same extra tokens give counting), k=all: paired differences and win rates."""
     from ehrlong.evaluation.metrics import paired_difference
 
-    runs = sorted((m for m in models if m.run_dir is not None), key=lambda m: m.context_length)
+    # Runs against runs, baselines against baselines; same-L pairs are no context comparison.
+    runs = [m for m in models if m.run_dir is not None]
+    baselines = [m for m in models if m.run_dir is None]
+    pairs = [
+        (long, short)
+        for family in (runs, baselines)
+        for long in family
+        for short in family
+        if long.context_length > short.context_length
+    ]
     frames = []
     full = preds.filter(pl.col("k") == -1)
     keys = ["task", "subject_id", "prediction_time"]
-    for i, short in enumerate(runs):
-        for long in runs[i + 1 :]:
-            a = full.filter(pl.col("model") == long.name).select(*keys, "y_true", pl.col("y_prob").alias("a"))
-            b = full.filter(pl.col("model") == short.name).select(*keys, pl.col("y_prob").alias("b"))
-            pair = a.join(b, on=keys).join(labels, on=keys, how="left")
-            tasks = pair.group_by("task", maintain_order=True)
-            desc = f"{long.name} vs {short.name}"
-            for task, part in tqdm(tasks, total=pair["task"].n_unique(), desc=desc, disable=not progress):
-                for stratum in STRATA:
-                    res = paired_difference(
-                        part["y_true"].to_numpy(),
-                        part["a"].to_numpy(),
-                        part["b"].to_numpy(),
-                        part["subject_id"].to_numpy(),
-                        metric=("auroc", "auprc", "brier"),
-                        n_boot=n_boot,
-                        strata_values=part[stratum].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
+    for long, short in pairs:
+        a = full.filter(pl.col("model") == long.name).select(*keys, "y_true", pl.col("y_prob").alias("a"))
+        b = full.filter(pl.col("model") == short.name).select(*keys, pl.col("y_prob").alias("b"))
+        pair = a.join(b, on=keys).join(labels, on=keys, how="left")
+        tasks = pair.group_by("task", maintain_order=True)
+        desc = f"{long.name} vs {short.name}"
+        for task, part in tqdm(tasks, total=pair["task"].n_unique(), desc=desc, disable=not progress):
+            for stratum in STRATA:
+                res = paired_difference(
+                    part["y_true"].to_numpy(),
+                    part["a"].to_numpy(),
+                    part["b"].to_numpy(),
+                    part["subject_id"].to_numpy(),
+                    metric=("auroc", "auprc", "brier"),
+                    n_boot=n_boot,
+                    strata_values=part[stratum].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
+                )
+                frames.append(
+                    res.with_columns(
+                        pl.lit(long.name).alias("long"),
+                        pl.lit(short.name).alias("short"),
+                        pl.lit(task[0]).alias("task"),
+                        pl.lit(stratum).alias("stratum"),
+                        pl.col("stratum_quantile").alias("quartile"),
                     )
-                    frames.append(
-                        res.with_columns(
-                            pl.lit(long.name).alias("long"),
-                            pl.lit(short.name).alias("short"),
-                            pl.lit(task[0]).alias("task"),
-                            pl.lit(stratum).alias("stratum"),
-                            pl.col("stratum_quantile").alias("quartile"),
-                        )
-                    )
+                )
     if not frames:
         return pl.DataFrame()
     cols = ["long", "short", "task", "stratum", "quartile", "metric", "value_a", "value_b", "difference"]
@@ -287,6 +296,26 @@ def _summary(results: pl.DataFrame, models: list[Model]) -> str:
         lines.append(
             f"{task:{task_w}s}  " + "  ".join(f"{c:>{max(width, 19)}s}" for c in cells) + f"  {n:>5s}"
         )
+    return "\n".join(lines)
+
+
+def _comparison_summary(comparisons: pl.DataFrame) -> str:
+    """Longer minus shorter context, held-out AUROC over all labels, per pair and task ("" if no pairs)."""
+    if not comparisons.height:
+        return ""
+    # Every stratum repeats the overall cell (quartile null) on the same resamples; print it once.
+    overall = comparisons.filter(
+        (pl.col("stratum") == STRATA[0]) & pl.col("quartile").is_null() & (pl.col("metric") == "auroc")
+    )
+    lines = ["", "longer minus shorter context: held-out AUROC difference [95% CI], win rate over resamples"]
+    for long, short, task, diff, lo, hi, win in overall.select(
+        "long", "short", "task", "difference", "ci_low", "ci_high", "win_rate"
+    ).iter_rows():
+        verdict = (
+            "no CI" if lo != lo else "longer better" if lo > 0 else "shorter better" if hi < 0 else "CI includes 0"
+        )
+        cell = "n/a" if diff != diff else f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]  win {win:.2f}  {verdict}"
+        lines.append(f"  {long} vs {short}, {task}: {cell}")
     return "\n".join(lines)
 
 
@@ -568,7 +597,7 @@ def evaluate(args: Args) -> Path:
         if comparisons.height:
             comparisons.write_parquet(tmp / "comparisons.parquet")
             comparisons.write_csv(tmp / "comparisons.csv")
-        summary = _summary(results, models)
+        summary = _summary(results, models) + _comparison_summary(comparisons)
         notes.append(f"{n_dropped:,} label times without any token at or before them: not evaluated")
         plots = _plots(results, models, tmp)
         stages.done("write + plots")

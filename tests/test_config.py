@@ -18,6 +18,7 @@ def test_presets_exist_for_the_issue():
         "transformer_1k",
         "transformer_2k",
         "transformer_4k",
+        "transformer_8k",
     ]:
         assert name in PRESETS
 

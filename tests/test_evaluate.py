@@ -98,13 +98,28 @@ def test_evaluate_writes_stratified_results_comparisons_plots_and_mlflow(evaluat
     pairs = set(comparisons.select("long", "short").unique().iter_rows())
     assert (f"mamba_1k@{mamba.name}", f"mamba_1k@{mamba.name}@L32") in pairs  # same weights, 128 vs 32 tokens
     assert (f"mamba_1k@{mamba.name}", f"transformer_512@{transformer.name}") in pairs  # 128 vs 64
-    assert not any(long.startswith("counts") or short.startswith("counts") for long, short in pairs)
+    # Count baselines are compared among themselves only (what the extra tokens give counting).
+    assert ("counts_L128", "counts_L32") in pairs and ("counts_L64", "counts_L32") in pairs
+    assert all(long.startswith("counts") == short.startswith("counts") for long, short in pairs)
+    # Only longer against shorter: the two runs' L=32 ablations are no context comparison.
+    assert (f"mamba_1k@{mamba.name}@L32", f"transformer_512@{transformer.name}@L32") not in pairs
+    lengths = {f"mamba_1k@{mamba.name}": 128, f"transformer_512@{transformer.name}": 64}
+    lengths |= {f"{m}@L32": 32 for m in list(lengths)} | {f"counts_L{n}": n for n in (32, 64, 128)}
+    assert all(lengths[long] > lengths[short] for long, short in pairs)
     assert comparisons["win_rate"].drop_nans().is_between(0, 1).all()
 
     for name in ("auroc_by_quartile.png", "auroc_vs_k.png", "perplexity_by_position.png", "summary.txt"):
         assert (out / name).is_file(), name
     summary = (out / "summary.txt").read_text()
     assert "held-out AUROC" in summary and "counts_L128" in summary and "family_history_mi" in summary
+    # The long-vs-short AUROC differences are in the summary, as comparisons.parquet has them.
+    overall = comparisons.filter(
+        (pl.col("stratum") == "repetition_1") & pl.col("quartile").is_null() & (pl.col("metric") == "auroc")
+    )
+    assert overall.height == len(pairs) * 4  # every pair, every task
+    for long, short, task, diff in overall.select("long", "short", "task", "difference").iter_rows():
+        line = next(x for x in summary.splitlines() if x.startswith(f"  {long} vs {short}, {task}: "))
+        assert line.endswith("n/a") if diff != diff else f"{diff:+.3f} [" in line
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
     run = client.get_run((mamba / "mlflow_run_id").read_text().strip())
