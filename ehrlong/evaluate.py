@@ -307,7 +307,7 @@ def _comparison_summary(comparisons: pl.DataFrame) -> str:
     overall = comparisons.filter(
         (pl.col("stratum") == STRATA[0]) & pl.col("quartile").is_null() & (pl.col("metric") == "auroc")
     )
-    lines = ["", "longer minus shorter context: held-out AUROC difference [95% CI], win rate over resamples"]
+    lines = ["longer minus shorter context: held-out AUROC difference [95% CI], win rate over resamples"]
     for long, short, task, diff, lo, hi, win in overall.select(
         "long", "short", "task", "difference", "ci_low", "ci_high", "win_rate"
     ).iter_rows():
@@ -316,7 +316,7 @@ def _comparison_summary(comparisons: pl.DataFrame) -> str:
         )
         cell = "n/a" if diff != diff else f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]  win {win:.2f}  {verdict}"
         lines.append(f"  {long} vs {short}, {task}: {cell}")
-    return "\n".join(lines)
+    return "\n\n" + "\n".join(lines)
 
 
 def _plots(results: pl.DataFrame, models: list[Model], out: Path) -> list[Path]:
