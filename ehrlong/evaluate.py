@@ -299,6 +299,17 @@ def _summary(results: pl.DataFrame, models: list[Model]) -> str:
     return "\n".join(lines)
 
 
+def _verdict(ci_low: float, ci_high: float) -> str:
+    """What a paired difference's CI says: a side wins only when the CI excludes zero."""
+    if math.isnan(ci_low):
+        return "no CI"
+    if ci_low > 0:
+        return "longer better"
+    if ci_high < 0:
+        return "shorter better"
+    return "CI includes 0"
+
+
 def _comparison_summary(comparisons: pl.DataFrame) -> str:
     """Longer minus shorter context, held-out AUROC over all labels, per pair and task ("" if no pairs)."""
     if not comparisons.height:
@@ -311,10 +322,11 @@ def _comparison_summary(comparisons: pl.DataFrame) -> str:
     for long, short, task, diff, lo, hi, win in overall.select(
         "long", "short", "task", "difference", "ci_low", "ci_high", "win_rate"
     ).iter_rows():
-        verdict = (
-            "no CI" if lo != lo else "longer better" if lo > 0 else "shorter better" if hi < 0 else "CI includes 0"
+        cell = (
+            "n/a"
+            if math.isnan(diff)
+            else f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]  win {win:.2f}  {_verdict(lo, hi)}"
         )
-        cell = "n/a" if diff != diff else f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]  win {win:.2f}  {verdict}"
         lines.append(f"  {long} vs {short}, {task}: {cell}")
     return "\n\n" + "\n".join(lines)
 
