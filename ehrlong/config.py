@@ -72,6 +72,7 @@ class SyntheticConfig:
     copy_forward: float = 0.5  # share of a visit's diagnoses re-recorded from earlier visits (repetition)
     irregularity: float = 0.5  # dispersion of inter-visit gaps at a fixed mean gap (irregular time)
     progression: float = 0.5  # growth of events per visit and complication rate over time
+    visits: int = 120  # visits per subject, +-1/12 (120: 110-130, ~4k events); fewer = shorter timelines
 
 
 @dataclass

@@ -26,6 +26,7 @@ from ehrlong.data.synthetic import (
     TASKS,
     TOBACCO,
     build_vocabulary,
+    check_config,
     cohort_name,
     ensure_cohort,
     generate,
@@ -130,6 +131,26 @@ def test_default_timelines_need_long_context(cohort: Path):
             after = dials[f"{name}_events_after_signal"]
             assert after.median() > 2000 and (after > 1024).mean() >= 0.9
     assert dials["problem_codes_reused"].sum() == 0  # the vocabulary is large enough for fresh problems
+
+
+def test_visits_shortens_timelines_and_keeps_the_signals_early():
+    vocab = build_vocabulary()
+    short = [generate_subject(SyntheticConfig(n_subjects=30, seed=5, visits=40), i, vocab) for i in range(30)]
+    default = [generate_subject(SyntheticConfig(n_subjects=30, seed=5), i, vocab) for i in range(30)]
+    assert {s.record["n_visits"] for s in short} <= set(range(37, 44))
+    assert {s.record["n_visits"] for s in default} <= set(range(110, 131))
+    assert np.median([len(s.codes) for s in short]) < 0.4 * np.median([len(s.codes) for s in default])
+    for s in short:  # the prediction visit still follows the baseline visits by hundreds of events
+        assert s.record["prediction_visit"] >= 40 - 3 - 15
+        assert all(
+            s.record[f"{name}_events_after_signal"] > 300 for name, t in TASKS.items() if t.signal == "early"
+        )
+    # Default cohorts keep their folder names; other visit counts are spelled out.
+    assert cohort_name(SyntheticConfig()) == "n1000-seed0-cf0.5-irr0.5-prog0.5"
+    assert cohort_name(SyntheticConfig(visits=40)) == "n1000-seed0-cf0.5-irr0.5-prog0.5-visits40"
+    with pytest.raises(ConfigError, match="visits=19.*visits=20"):
+        check_config(SyntheticConfig(visits=19))
+    check_config(SyntheticConfig(visits=20))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,6 +362,19 @@ def test_refuses_to_overwrite_and_keeps_an_identical_cohort(tmp_path: Path):
     generate(cfg, empty, progress=False)
     assert (empty / meds.dataset_metadata_filepath).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort", "empty", "notes"]  # no temp folders left
+
+
+def test_a_cohort_recorded_before_a_config_field_existed_is_reused(tmp_path: Path):
+    cfg = SyntheticConfig(n_subjects=3, seed=6)
+    out = tmp_path / "cohort"
+    generate(cfg, out, progress=False)
+    meta_path = out / "metadata" / "synthetic.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["visits"]  # as written before `visits` was added (it then meant the default)
+    meta_path.write_text(json.dumps(meta))
+    assert generate(cfg, out, progress=False)["reused"]
+    with pytest.raises(DataError, match="will not be overwritten"):
+        generate(SyntheticConfig(n_subjects=3, seed=6, visits=40), out, progress=False)
 
 
 def test_ensure_cohort_generates_once_under_the_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -1,5 +1,5 @@
 """The embedded synthetic MEDS cohort: `python -m ehrlong.data synth out=DIR [n_subjects=N seed=S
-copy_forward=F irregularity=I progression=P]`.
+copy_forward=F irregularity=I progression=P visits=V]`.
 
 Writes a real MEDS root (DESIGN.md §3-4) whose three EHR properties are set by dials, one per stratum
 of `ehrlong.evaluation.strata` (Context Clues, research/anchor_context_clues.md §5), with task labels
@@ -14,7 +14,7 @@ whose ground truth sits early in long timelines:
     labels/<task>.parquet             MEDS label schema (subject_id, prediction_time, boolean_value)
     labels/tasks.json                 per task: one line, where its signal lies, prevalence
 
-A subject's timeline: a static sex row, MEDS_BIRTH, then 100-140 visits (outpatient, or inpatient with an
+A subject's timeline: a static sex row, MEDS_BIRTH, then 110-130 visits (outpatient, or inpatient with an
 admission, daily morning draws and a discharge). Every visit-start and daily timestamp records vital
 signs and a suffix of the subject's ordered lab and chart panels (numeric labs, categorical text charts);
 visit starts add the visit's problem/medication/procedure list. Labels are predicted at the end of a
@@ -38,6 +38,10 @@ is exact), each move one property and leave the other two alone:
   every subject has anyway: routine visits cycle through every panel level twice before the prediction
   time, and variable-length blocks sit between fixed headers, so more events add no new n-gram types
   and repetition stays put. Timestamps do not depend on it, so neither does irregularity.
+
+`visits` sets the timeline's length (default 120 visits, ~4k events). The progression guarantee above
+(every panel level recorded twice before the prediction time) needs ~100 visits; shorter cohorts
+(visits=40: ~1.3k events) are for quick runs and for early-signal checks at shorter context lengths.
 
 Each concern draws from its own random stream, `np.random.default_rng([seed, subject_index, stream])`,
 so a subject is the same whatever the chunking, and a dial changes only what it should (with
@@ -86,10 +90,13 @@ EPOCH_DAY_1990 = 7305  # days from 1970-01-01 to 1990-01-01
 DIAL_SPREAD = 0.75
 HALTON_BASES = (2, 3, 5)  # one per dial
 
-# Visits. 100-140 visits at a mean 30-day gap: ~10 years of care per subject.
-N_VISITS = (110, 131)
+# Visits. `visits` (default 120) +- 1/12 of it per subject, at a mean 30-day gap: ~10 years of care.
+VISIT_SPREAD = 12  # a subject has visits +- visits // VISIT_SPREAD visits (120: 110-130)
 N_VISITS_AFTER_PREDICTION = (6, 15)
 BASELINE_VISITS = 3  # outpatient visits that carry the early task signals
+# The fewest visits a cohort may ask for: with visits // VISIT_SPREAD fewer and the most visits after
+# the prediction time, the prediction visit still comes after the baseline visits.
+MIN_VISITS = 20
 INPATIENT_RATE = 0.15
 MEAN_STAY_DAYS = 3.0
 MEAN_GAP_DAYS = 30.0
@@ -498,8 +505,9 @@ def draw_dials(cfg: SyntheticConfig, index: int) -> Dials:
     return Dials(**{dial: _subject_dial(getattr(cfg, dial), q) for dial, q in zip(DIALS, u, strict=True)})
 
 
-def plan_visits(rng: np.random.Generator) -> Plan:
-    n = int(rng.integers(*N_VISITS))
+def plan_visits(rng: np.random.Generator, visits: int) -> Plan:
+    spread = visits // VISIT_SPREAD
+    n = int(rng.integers(visits - spread, visits + spread + 1))
     inpatient = rng.random(n) < INPATIENT_RATE
     routine = np.arange(n) % ROUTINE_EVERY == 0
     inpatient[:BASELINE_VISITS] = False
@@ -770,7 +778,7 @@ def generate_subject(
     vocab = vocab or build_vocabulary()
     idx = vocab.index
     dials = draw_dials(cfg, index)
-    plan = plan_visits(_rng(cfg.seed, index, "visits"))
+    plan = plan_visits(_rng(cfg.seed, index, "visits"), cfg.visits)
     ts, birth_day = visit_timestamps(_rng(cfg.seed, index, "times"), plan, dials.irregularity)
     items, reused = problem_lists(_rng(cfg.seed, index, "content"), plan, dials, vocab)
     panels_rng = _rng(cfg.seed, index, "panels")
@@ -844,8 +852,10 @@ class Args(SyntheticConfig):
 
 
 def cohort_name(cfg: SyntheticConfig) -> str:
-    """A folder name that spells out the config, e.g. n1000-seed0-cf0.5-irr0.5-prog0.5."""
-    return f"n{cfg.n_subjects}-seed{cfg.seed}-cf{cfg.copy_forward:g}-irr{cfg.irregularity:g}-prog{cfg.progression:g}"
+    """A folder name that spells out the config, e.g. n1000-seed0-cf0.5-irr0.5-prog0.5 (with -visits40
+    appended when the visit count is not the default, so default cohorts keep their earlier names)."""
+    name = f"n{cfg.n_subjects}-seed{cfg.seed}-cf{cfg.copy_forward:g}-irr{cfg.irregularity:g}-prog{cfg.progression:g}"
+    return name if cfg.visits == SyntheticConfig.visits else f"{name}-visits{cfg.visits}"
 
 
 def check_config(cfg: SyntheticConfig) -> None:
@@ -863,6 +873,12 @@ def check_config(cfg: SyntheticConfig) -> None:
             raise ConfigError(
                 f"{name}={value}: dials run from 0 (property off) to 1 (strongest); pass a value in [0, 1]."
             )
+    if cfg.visits < MIN_VISITS:
+        raise ConfigError(
+            f"visits={cfg.visits}: a timeline needs at least {MIN_VISITS} visits ({BASELINE_VISITS} baseline "
+            f"visits carry the early signals and up to {N_VISITS_AFTER_PREDICTION[1] - 1} come after the "
+            f"prediction time); pass visits={MIN_VISITS} or more (default {SyntheticConfig.visits})."
+        )
 
 
 def subject_ids(n_subjects: int) -> np.ndarray:
@@ -1105,9 +1121,9 @@ def _earlier_cohort(cfg: SyntheticConfig, out: Path) -> dict | None:
         meta = json.loads((out / "metadata" / "synthetic.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    same = meta.get("generator_version") == GENERATOR_VERSION and meta.get("config") == dataclasses.asdict(
-        cfg
-    )
+    # A record written before a config field existed was made with that field's default.
+    recorded = {**dataclasses.asdict(SyntheticConfig()), **meta.get("config", {})}
+    same = meta.get("generator_version") == GENERATOR_VERSION and recorded == dataclasses.asdict(cfg)
     complete = all(
         (out / f).is_file() and (out / f).stat().st_size == m["bytes"]
         for f, m in meta.get("files", {}).items()
