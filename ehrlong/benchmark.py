@@ -138,9 +138,10 @@ def _log_mlflow(
 ) -> bool:
     """Metrics into the run's own MLflow run, beside its training and evaluation metrics:
     bench/<task>/L<length> (mean over depths) with /ci_low and /ci_high, bench/<task>/L<length>/d<depth>
-    and bench/<task>/effective_length[_far] (when defined); the files as artifacts under benchmark/<out>."""
+    and bench/<task>/effective_length[_far] (when defined); the tag bench/<task>/lengths (the lengths
+    tested, comma-separated); the files as artifacts under benchmark/<out>."""
     import mlflow
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     from ehrlong.tracking import tracking_uri
 
@@ -167,6 +168,11 @@ def _log_mlflow(
     metrics = [m for m in metrics if not math.isnan(m.value)]
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics per batch
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    # The lengths this call tested, per task. Metrics of earlier calls at other lengths stay in the run,
+    # so the metric keys alone cannot say which lengths an effective length was found over (compare).
+    tested = per_length.group_by("task").agg(pl.col("length").unique().sort())
+    tags = [RunTag(f"bench/{task}/lengths", ",".join(map(str, ns))) for task, ns in tested.iter_rows()]
+    client.log_batch(run_id, tags=tags)
     for f in files:
         client.log_artifact(run_id, str(f), artifact_path=f"benchmark/{out.name}")
     return True

@@ -481,6 +481,9 @@ def test_cli_end_to_end(trained):
     by_length = pl.read_csv(out / "by_length.csv")
     for task, length, score in by_length.select("task", "length", "score").iter_rows():
         assert logged[f"bench/{task}/L{length}"] == pytest.approx(score)
+    tags = client.get_run((run_dir / "mlflow_run_id").read_text().strip()).data.tags
+    for task, lengths in by_length.group_by("task").agg(pl.col("length").unique().sort()).iter_rows():
+        assert tags[f"bench/{task}/lengths"] == ",".join(map(str, lengths))
     for row in effective.iter_rows(named=True):
         for key in ("effective_length", "effective_length_far"):  # depths=0,1: far = depth 0 alone
             if row[key] is not None:

@@ -468,6 +468,19 @@ def test_runs_benchmarked_before_the_far_rule_have_no_far_value():
     assert res.values == {(NS, "all", None): {"value": None}, (LK, "all", None): {"value": 1024.0}}
 
 
+def test_lengths_tested_come_from_the_last_benchmark():
+    """A run benchmarked at 1024, 4096, 8192 and later at 1024, 4096 only still holds the L8192 score:
+    the tag of the last benchmark, not the metric keys, says which lengths its effective length is over."""
+    scores = {f"bench/{NS}/L1024": 0.9, f"bench/{NS}/L4096": 0.5, f"bench/{NS}/L8192": 0.4}
+    info = SimpleNamespace(run_id="r", run_name="r", start_time=0)
+    tagged = SimpleNamespace(
+        info=info, data=SimpleNamespace(metrics=scores, tags={f"bench/{NS}/lengths": "1024,4096"})
+    )
+    assert _results(tagged, "effective_length", None)[0].lengths == {NS: [1024, 4096]}
+    untagged = SimpleNamespace(info=info, data=SimpleNamespace(metrics=scores, tags={}))  # an older ehrlong
+    assert _results(untagged, "effective_length", None)[0].lengths == {NS: [1024, 4096, 8192]}
+
+
 def test_bench_score_at_one_length(store, tmp_path):
     uri, ids = store
     args = parse(
