@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 PROG = "python -m ehrlong.evaluate"
 STRATA = ("repetition_1", "repetition", "irregularity", "event_count")  # evaluation.strata columns
 BASELINE = "counts"
+THIN_CLASS = 10  # held-out positives (or negatives) below which the summary flags a task's CIs
 
 
 @dataclass
@@ -273,16 +274,24 @@ def _summary(results: pl.DataFrame, models: list[Model]) -> str:
     table = (
         overall.filter(pl.col("k") == k_top)
         .group_by("model", "task")
-        .agg(pl.col("value").mean(), pl.col("ci_low").mean(), pl.col("ci_high").mean(), pl.col("n").first())
+        .agg(
+            pl.col("value").mean(),
+            pl.col("ci_low").mean(),
+            pl.col("ci_high").mean(),
+            pl.col("n").first(),
+            pl.col("n_pos").first(),
+            pl.col("n_subjects").first(),
+        )
     )
     names = [m.name for m in models]
     lines = [
-        f"held-out AUROC [95% CI], k={'all' if k_top == -1 else k_top}; n = labels (positives in results)"
+        f"held-out AUROC [95% CI], k={'all' if k_top == -1 else k_top}; n = held-out labels (positives, subjects)"
     ]
+    thin = []
     width = max(len(n) for n in names)
     tasks = sorted(table["task"].unique())
     task_w = max(12, *(len(t) for t in tasks))
-    lines.append(f"{'task':{task_w}s}  " + "  ".join(f"{n:>{max(width, 19)}s}" for n in names) + "      n")
+    lines.append(f"{'task':{task_w}s}  " + "  ".join(f"{n:>{max(width, 19)}s}" for n in names) + "  n")
     for task in tasks:
         cells, n = [], ""
         for name in names:
@@ -290,11 +299,18 @@ def _summary(results: pl.DataFrame, models: list[Model]) -> str:
             if row.height:
                 v, lo, hi = row["value"][0], row["ci_low"][0], row["ci_high"][0]
                 cells.append(f"{v:.3f} [{lo:.2f}, {hi:.2f}]")
-                n = str(row["n"][0])
+                labels, pos = int(row["n"][0]), int(row["n_pos"][0])
+                n = f"{labels} ({pos}, {int(row['n_subjects'][0])})"
             else:
                 cells.append("-")
+        lines.append(f"{task:{task_w}s}  " + "  ".join(f"{c:>{max(width, 19)}s}" for c in cells) + f"  {n}")
+        if n and min(pos, labels - pos) < THIN_CLASS:
+            thin.append(f"{task} ({pos} positive, {labels - pos} negative)")
+    if thin:
+        # A subject-level bootstrap over a handful of positives resamples the same few cases: its CI is
+        # narrow because there is little to vary, not because the estimate is precise.
         lines.append(
-            f"{task:{task_w}s}  " + "  ".join(f"{c:>{max(width, 19)}s}" for c in cells) + f"  {n:>5s}"
+            f"too few held-out cases to trust the CI (fewer than {THIN_CLASS} of a class): " + ", ".join(thin)
         )
     return "\n".join(lines)
 

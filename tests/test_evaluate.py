@@ -112,6 +112,13 @@ def test_evaluate_writes_stratified_results_comparisons_plots_and_mlflow(evaluat
         assert (out / name).is_file(), name
     summary = (out / "summary.txt").read_text()
     assert "held-out AUROC" in summary and "counts_L128" in summary and "family_history_mi" in summary
+    # Each task's row ends with its held-out labels, positives and subjects, as results.parquet has them.
+    overall_k = results.filter(
+        (pl.col("stratum") == "all") & (pl.col("k") == -1) & (pl.col("metric") == "auroc")
+    )
+    for task, n, pos, subjects in overall_k.select("task", "n", "n_pos", "n_subjects").unique().iter_rows():
+        row = next(x for x in summary.splitlines() if x.startswith(f"{task} "))
+        assert row.endswith(f"  {n} ({pos}, {subjects})"), row
     # The long-vs-short AUROC differences are in the summary, as comparisons.parquet has them.
     overall = comparisons.filter(
         (pl.col("stratum") == "repetition_1") & pl.col("quartile").is_null() & (pl.col("metric") == "auroc")
@@ -386,3 +393,36 @@ def test_incremental_update_equals_the_from_scratch_prediction(evaluated):
         )
     with pytest.raises(ConfigError, match="backbone=mamba"):
         IncrementalPredictor(load_run(transformer), {})
+
+
+def test_summary_flags_tasks_whose_ci_rests_on_few_cases():
+    from types import SimpleNamespace
+
+    from ehrlong.evaluate import THIN_CLASS, _summary
+
+    def row(task, n, pos):
+        return dict(
+            model="m",
+            task=task,
+            k=-1,
+            stratum="all",
+            metric="auroc",
+            value=0.7,
+            ci_low=0.6,
+            ci_high=0.8,
+            n=n,
+            n_pos=pos,
+            n_subjects=10,
+        )
+
+    rows = [
+        row("plenty", 200, 60),
+        row("one_positive", 170, 1),
+        row("few_negatives", 40, 40 - THIN_CLASS + 1),
+    ]
+    summary = _summary(pl.DataFrame(rows), [SimpleNamespace(name="m")])
+    assert next(x for x in summary.splitlines() if x.startswith("plenty ")).endswith("  200 (60, 10)")
+    flagged = next(x for x in summary.splitlines() if x.startswith("too few held-out cases"))
+    assert "one_positive (1 positive, 169 negative)" in flagged
+    assert f"few_negatives ({40 - THIN_CLASS + 1} positive, {THIN_CLASS - 1} negative)" in flagged
+    assert "plenty" not in flagged
