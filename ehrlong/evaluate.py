@@ -271,18 +271,17 @@ def _summary(results: pl.DataFrame, models: list[Model]) -> str:
     """Task x model table of held-out AUROC [95% CI] at the largest k (seed-mean for few-shot k)."""
     overall = results.filter((pl.col("stratum") == "all") & (pl.col("metric") == "auroc"))
     k_top = -1 if (overall["k"] == -1).any() else int(overall["k"].max())
-    table = (
-        overall.filter(pl.col("k") == k_top)
-        .group_by("model", "task")
-        .agg(
-            pl.col("value").mean(),
-            pl.col("ci_low").mean(),
-            pl.col("ci_high").mean(),
-            pl.col("n").first(),
-            pl.col("n_pos").first(),
-            pl.col("n_subjects").first(),
-        )
+    top = overall.filter(pl.col("k") == k_top)
+    table = top.group_by("model", "task").agg(
+        pl.col("value").mean(), pl.col("ci_low").mean(), pl.col("ci_high").mean()
     )
+    # Held-out labels, positives and subjects are the task's, whichever model scored them.
+    sizes = {
+        task: (int(n), int(pos), int(subjects))
+        for task, n, pos, subjects in top.group_by("task")
+        .agg(pl.col("n").first(), pl.col("n_pos").first(), pl.col("n_subjects").first())
+        .iter_rows()
+    }
     names = [m.name for m in models]
     lines = [
         f"held-out AUROC [95% CI], k={'all' if k_top == -1 else k_top}; n = held-out labels (positives, subjects)"
@@ -293,18 +292,18 @@ def _summary(results: pl.DataFrame, models: list[Model]) -> str:
     task_w = max(12, *(len(t) for t in tasks))
     lines.append(f"{'task':{task_w}s}  " + "  ".join(f"{n:>{max(width, 19)}s}" for n in names) + "  n")
     for task in tasks:
-        cells, n = [], ""
+        cells = []
         for name in names:
             row = table.filter((pl.col("task") == task) & (pl.col("model") == name))
             if row.height:
                 v, lo, hi = row["value"][0], row["ci_low"][0], row["ci_high"][0]
                 cells.append(f"{v:.3f} [{lo:.2f}, {hi:.2f}]")
-                labels, pos = int(row["n"][0]), int(row["n_pos"][0])
-                n = f"{labels} ({pos}, {int(row['n_subjects'][0])})"
             else:
                 cells.append("-")
+        labels, pos, subjects = sizes[task]
+        n = f"{labels} ({pos}, {subjects})"
         lines.append(f"{task:{task_w}s}  " + "  ".join(f"{c:>{max(width, 19)}s}" for c in cells) + f"  {n}")
-        if n and min(pos, labels - pos) < THIN_CLASS:
+        if min(pos, labels - pos) < THIN_CLASS:
             thin.append(f"{task} ({pos} positive, {labels - pos} negative)")
     if thin:
         # A subject-level bootstrap over a handful of positives resamples the same few cases: its CI is
