@@ -174,6 +174,48 @@ def test_bad_input_exits_2_and_writes_nothing(two_runs, tmp_path):
     assert not out.exists() and not out.with_name(out.name + ".partial").exists()
 
 
+def test_signalcheck_scores_every_held_out_subject_and_prints_their_auroc(two_runs, tmp_path, meds_root):
+    import re
+
+    import yaml
+    from sklearn.metrics import roc_auc_score
+
+    from ehrlong.data.synthetic import TASKS as SYNTHETIC_TASKS
+
+    tmp, (mamba, _) = two_runs
+    out = tmp_path / "scores.parquet"
+    code = CLI.format(module="ehrlong.evaluation.signalcheck")
+    proc = run_code(tmp, code, f"run={mamba}", "short=16", "n_boot=50", f"out={out}", "progress=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = pl.read_parquet(out)
+    (root,) = (tmp / "data" / "synthetic").iterdir()
+    dials = pl.read_parquet(root / "metadata" / "subject_dials.parquet").filter(pl.col("split") == "held_out")
+    assert set(scores["subject_id"]) == set(dials["subject_id"]) and scores.height == 4 * dials.height
+    for name, task in SYNTHETIC_TASKS.items():
+        t = scores.filter(pl.col("task") == name).join(dials, on="subject_id")
+        assert (t["level"] == (t[f"{name}_level"] != task.levels[0])).all()
+        assert ((t["long"] > 0) & (t["long"] < 1) & (t["short"] > 0) & (t["short"] < 1)).all()
+        row = next(x for x in proc.stdout.splitlines() if x.startswith(f"{name} "))
+        assert row.endswith(f"  {t.height} ({t['level'].sum()})"), row
+        if t["level"].n_unique() == 1:
+            assert row.count("n/a (one class)") == 3, row
+        else:
+            long, short = (float(v) for v in re.findall(r"(\d\.\d{3}) \[", row)[:2])
+            assert long == pytest.approx(roc_auc_score(t["level"], t["long"]), abs=6e-4)
+            assert short == pytest.approx(roc_auc_score(t["level"], t["short"]), abs=6e-4)
+
+    # A run whose dataset has no latent levels: a clear error naming the missing file.
+    moved = tmp_path / "run_on_meds"
+    moved.mkdir()
+    for f in ("model.ckpt", "tokenizer.json"):
+        (moved / f).write_bytes((mamba / f).read_bytes())
+    cfg = yaml.safe_load((mamba / "config.yaml").read_text())
+    cfg["data"]["root"] = str(meds_root)
+    (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_code(tmp, code, f"run={moved}", "progress=false")
+    assert proc.returncode == 2 and "subject_dials.parquet" in proc.stderr and "Traceback" not in proc.stderr
+
+
 # --- ehrlong.predict on the evaluated runs (it applies the probes evaluate saved) ---------------------
 
 
