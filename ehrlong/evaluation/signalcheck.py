@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -33,6 +34,7 @@ from ehrlong.data.synthetic import TASKS
 from ehrlong.errors import ConfigError, run_cli
 from ehrlong.evaluation.metrics import bootstrap, paired_difference
 from ehrlong.evaluation.representations import data_root, load_run, store_for_run
+from ehrlong.safety import atomic_write
 
 PROG = "python -m ehrlong.evaluation.signalcheck"
 
@@ -141,8 +143,8 @@ def main(argv: Sequence[str]) -> int:
     if args.short < 1:
         raise ConfigError(f"short={args.short}: the short read needs at least 1 token.")
     scores, skipped = score_split(args)
-    if args.out:
-        scores.write_parquet(args.out)
+    if args.out:  # atomic: a kill leaves the old file or none, never half of one
+        atomic_write(Path(args.out), scores.write_parquet)
     n = scores["subject_id"].n_unique()
     print(f"{args.run}: P(outcome code) from the model itself, {n} {args.split} subjects", end="")
     print(f" ({skipped} with nothing after the prediction time left out)" if skipped else "")
