@@ -73,6 +73,7 @@ class SyntheticConfig:
     irregularity: float = 0.5  # dispersion of inter-visit gaps at a fixed mean gap (irregular time)
     progression: float = 0.5  # growth of events per visit and complication rate over time
     visits: int = 120  # visits per subject, +-1/12 (120: 110-130, ~4k events); fewer = shorter timelines
+    rerecord: float = 0.0  # chance that each visit after the prediction time records the early signals again
 
 
 @dataclass

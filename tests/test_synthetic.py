@@ -334,6 +334,39 @@ def test_each_latent_level_shows_only_in_its_signal(index: int):
             assert len(diff) <= BASELINE_VISITS and len(a["codes"]) - diff.max() > 1024
 
 
+def test_rerecord_retakes_the_early_history_after_the_prediction_time_only():
+    vocab = build_vocabulary()
+    idx = vocab.index
+    hba1c_sd = vocab.sd[idx[HBA1C]]
+    family_history_seen = set()
+    for index in range(6):
+        plain = generate_subject(dataclasses.replace(CFG, visits=20), index, vocab)
+        retaken = generate_subject(dataclasses.replace(CFG, visits=20, rerecord=1.0), index, vocab)
+        a, b = _before(plain), _before(retaken)  # what any label sees: the same, event for event
+        assert len(a["codes"]) == len(b["codes"]) and len(_differences(a, b)) == 0
+
+        # Every visit after the prediction time adds the early signals at the subject's levels, nothing else.
+        level = retaken.latent.level
+        family_history_seen.add(level["family_history_mi"])
+        signals = [HBA1C, TOBACCO] + ([FAMILY_HISTORY_CHD] if level["family_history_mi"] == 1 else [])
+        n_after = retaken.record["n_visits"] - 1 - retaken.record["prediction_visit"]
+        assert len(retaken.codes) - len(plain.codes) == n_after * len(signals)
+        after = retaken.days > retaken.prediction_day
+        for code in signals:
+            assert np.sum(retaken.codes == idx[code]) == np.sum(plain.codes == idx[code]) + n_after
+        tobacco = retaken.text[(retaken.codes == idx[TOBACCO]) & after]
+        assert np.all(tobacco == vocab.text_offset[idx[TOBACCO]] + level["lung_cancer"])
+        hba1c = retaken.numeric[(retaken.codes == idx[HBA1C]) & after]
+        means = (vocab.mean[idx[HBA1C]], synthetic.HBA1C_HIGH[0])
+        own, other = means[level["diabetic_kidney"]], means[1 - level["diabetic_kidney"]]
+        assert abs(hba1c.mean() - own) < 4 * hba1c_sd / np.sqrt(n_after) < abs(hba1c.mean() - other)
+    assert family_history_seen == {0, 1}
+
+    assert cohort_name(SyntheticConfig(visits=20, rerecord=0.5)).endswith("-visits20-rerecord0.5")
+    with pytest.raises(ConfigError, match="rerecord=1.5"):
+        check_config(SyntheticConfig(rerecord=1.5))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Writing, caching, command line
 # ---------------------------------------------------------------------------------------------------

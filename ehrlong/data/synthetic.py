@@ -1,5 +1,5 @@
 """The embedded synthetic MEDS cohort: `python -m ehrlong.data synth out=DIR [n_subjects=N seed=S
-copy_forward=F irregularity=I progression=P visits=V]`.
+copy_forward=F irregularity=I progression=P visits=V rerecord=R]`.
 
 Writes a real MEDS root (DESIGN.md §3-4) whose three EHR properties are set by dials, one per stratum
 of `ehrlong.evaluation.strata` (Context Clues, research/anchor_context_clues.md §5), with task labels
@@ -42,6 +42,11 @@ is exact), each move one property and leave the other two alone:
 `visits` sets the timeline's length (default 120 visits, ~4k events). The progression guarantee above
 (every panel level recorded twice before the prediction time) needs ~100 visits; shorter cohorts
 (visits=40: ~1.3k events) are for quick runs and for early-signal checks at shorter context lengths.
+
+`rerecord` (default 0) is the chance that each visit after the prediction time takes the history again:
+the family-history code (if present), smoking status and an HbA1c at the subject's level. It changes
+nothing at or before any prediction time, so the early tasks keep their signal in early history; it
+gives a language model a reason, beyond one outcome token, to remember that history (`draw_rerecords`).
 
 Each concern draws from its own random stream, `np.random.default_rng([seed, subject_index, stream])`,
 so a subject is the same whatever the chunking, and a dial changes only what it should (with
@@ -394,7 +399,7 @@ def build_vocabulary() -> Vocabulary:
 # One subject
 # ---------------------------------------------------------------------------------------------------
 
-STREAMS = ("dials", "visits", "times", "content", "panels", "values", "tasks", "static")
+STREAMS = ("dials", "visits", "times", "content", "panels", "values", "tasks", "static", "rerecord")
 DIALS = ("copy_forward", "irregularity", "progression")  # SyntheticConfig fields, each a Dials field
 START, DAILY, END = 0, 1, 2  # timestamp kinds: visit start, inpatient morning draw, discharge
 
@@ -440,11 +445,11 @@ class Latent:
     death: bool
     noise: np.ndarray  # BASELINE_VISITS for HbA1c, one for the raised creatinine, one for the death time
 
-    def hba1c(self, vocab: Vocabulary) -> np.ndarray:
-        """Baseline HbA1c at the first BASELINE_VISITS visits."""
+    def hba1c(self, vocab: Vocabulary, noise: np.ndarray | None = None) -> np.ndarray:
+        """HbA1c at the subject's level: at the first BASELINE_VISITS visits, or made from `noise`."""
         code = vocab.index[HBA1C]
         mean, sd = HBA1C_HIGH if self.level["diabetic_kidney"] == 1 else (vocab.mean[code], vocab.sd[code])
-        return np.round(mean + sd * self.noise[:BASELINE_VISITS], 1)
+        return np.round(mean + sd * (self.noise[:BASELINE_VISITS] if noise is None else noise), 1)
 
     def raised_creatinine(self) -> float:
         return round(CREATININE_RAISED[0] + CREATININE_RAISED[1] * abs(float(self.noise[BASELINE_VISITS])), 2)
@@ -665,13 +670,47 @@ class TaskEvents:
     text: np.ndarray  # -1 = none
 
 
-def task_events(plan: Plan, latent: Latent, vocab: Vocabulary) -> TaskEvents:
+def early_signals(visit: int, latent: Latent, hba1c: float, vocab: Vocabulary) -> list[tuple]:
+    """The early tasks' signal events at one visit: the family-history code (when present), an HbA1c
+    value at the subject's level and the smoking status, as (visit, code, numeric, text) rows."""
+    idx = vocab.index
+    rows = [(visit, idx[FAMILY_HISTORY_CHD], np.nan, -1)] if latent.level["family_history_mi"] == 1 else []
+    rows.append((visit, idx[HBA1C], hba1c, -1))
+    rows.append((visit, idx[TOBACCO], np.nan, vocab.text_offset[idx[TOBACCO]] + latent.level["lung_cancer"]))
+    return rows
+
+
+@dataclass(frozen=True)
+class Rerecords:
+    """Visits after the prediction time that record the early signals again, with the standard normals
+    their HbA1c values are made from."""
+
+    visit: np.ndarray
+    noise: np.ndarray
+
+
+def draw_rerecords(rng: np.random.Generator, plan: Plan, rerecord: float) -> Rerecords:
+    """Each visit after the prediction time re-takes the history (records the early signals again) with
+    chance `rerecord`.
+
+    Only visits after the prediction time: a label's history is the same as with rerecord=0, so the
+    early tasks' signal stays early. What the dial adds is a reason for a language model to remember
+    the signal. The outcome alone is one token per timeline, too weak a gradient for a small
+    pretraining budget to learn that it depends on the first visit (README, the early-signal check).
+    """
+    after = np.arange(plan.prediction_visit + 1, plan.n_visits)
+    visit = after[rng.random(len(after)) < rerecord]
+    return Rerecords(visit, rng.standard_normal(len(visit)))
+
+
+def task_events(plan: Plan, latent: Latent, vocab: Vocabulary, rerecords: Rerecords | None = None) -> TaskEvents:
     idx = vocab.index
     rows = []  # (visit, code, numeric, text)
-    if latent.level["family_history_mi"] == 1:
-        rows.append((0, idx[FAMILY_HISTORY_CHD], np.nan, -1))
-    rows += [(v, idx[HBA1C], float(x), -1) for v, x in enumerate(latent.hba1c(vocab))]
-    rows.append((0, idx[TOBACCO], np.nan, vocab.text_offset[idx[TOBACCO]] + latent.level["lung_cancer"]))
+    for v, x in enumerate(latent.hba1c(vocab)):
+        rows += [r for r in early_signals(v, latent, float(x), vocab) if v == 0 or r[1] == idx[HBA1C]]
+    if rerecords is not None:
+        for v, x in zip(rerecords.visit, latent.hba1c(vocab, rerecords.noise), strict=True):
+            rows += early_signals(int(v), latent, float(x), vocab)
     rows += [
         (plan.prediction_visit + 1, idx[task.outcome_code], np.nan, -1)
         for name, task in TASKS.items()
@@ -786,7 +825,8 @@ def generate_subject(
     level = panel_levels(panels_rng, ts, plan, dials.progression)
     latent = latent or draw_latent(_rng(cfg.seed, index, "tasks"))
 
-    tasks = task_events(plan, latent, vocab)
+    rerecords = draw_rerecords(_rng(cfg.seed, index, "rerecord"), plan, cfg.rerecord)
+    tasks = task_events(plan, latent, vocab, rerecords)
     codes, days, task_row = assemble(ts, plan, level, panels, items, tasks, vocab)
     # Values are drawn for the routine events only, whose number does not depend on the latent truth,
     # so a counterfactual truth changes no value but its own signals.
@@ -853,9 +893,10 @@ class Args(SyntheticConfig):
 
 def cohort_name(cfg: SyntheticConfig) -> str:
     """A folder name that spells out the config, e.g. n1000-seed0-cf0.5-irr0.5-prog0.5 (with -visits40
-    appended when the visit count is not the default, so default cohorts keep their earlier names)."""
+    or -rerecord0.5 appended when those are not the default, so default cohorts keep their earlier names)."""
     name = f"n{cfg.n_subjects}-seed{cfg.seed}-cf{cfg.copy_forward:g}-irr{cfg.irregularity:g}-prog{cfg.progression:g}"
-    return name if cfg.visits == SyntheticConfig.visits else f"{name}-visits{cfg.visits}"
+    name = name if cfg.visits == SyntheticConfig.visits else f"{name}-visits{cfg.visits}"
+    return name if cfg.rerecord == SyntheticConfig.rerecord else f"{name}-rerecord{cfg.rerecord:g}"
 
 
 def check_config(cfg: SyntheticConfig) -> None:
@@ -867,7 +908,7 @@ def check_config(cfg: SyntheticConfig) -> None:
         raise ConfigError(
             f"seed={cfg.seed}: seeds are non-negative integers (numpy SeedSequence); pass e.g. seed=0."
         )
-    for name in DIALS:
+    for name in (*DIALS, "rerecord"):
         value = getattr(cfg, name)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(
