@@ -703,7 +703,9 @@ def draw_rerecords(rng: np.random.Generator, plan: Plan, rerecord: float) -> Rer
     return Rerecords(visit, rng.standard_normal(len(visit)))
 
 
-def task_events(plan: Plan, latent: Latent, vocab: Vocabulary, rerecords: Rerecords | None = None) -> TaskEvents:
+def task_events(
+    plan: Plan, latent: Latent, vocab: Vocabulary, rerecords: Rerecords | None = None
+) -> TaskEvents:
     idx = vocab.index
     rows = []  # (visit, code, numeric, text)
     for v, x in enumerate(latent.hba1c(vocab)):
