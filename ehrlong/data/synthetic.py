@@ -703,16 +703,14 @@ def draw_rerecords(rng: np.random.Generator, plan: Plan, rerecord: float) -> Rer
     return Rerecords(visit, rng.standard_normal(len(visit)))
 
 
-def task_events(
-    plan: Plan, latent: Latent, vocab: Vocabulary, rerecords: Rerecords | None = None
-) -> TaskEvents:
+def task_events(plan: Plan, latent: Latent, vocab: Vocabulary, rerecords: Rerecords) -> TaskEvents:
     idx = vocab.index
-    rows = []  # (visit, code, numeric, text)
-    for v, x in enumerate(latent.hba1c(vocab)):
-        rows += [r for r in early_signals(v, latent, float(x), vocab) if v == 0 or r[1] == idx[HBA1C]]
-    if rerecords is not None:
-        for v, x in zip(rerecords.visit, latent.hba1c(vocab, rerecords.noise), strict=True):
-            rows += early_signals(int(v), latent, float(x), vocab)
+    baseline = latent.hba1c(vocab)
+    # (visit, code, numeric, text): every early signal at the first visit, HbA1c at the other baseline ones
+    rows = early_signals(0, latent, float(baseline[0]), vocab)
+    rows += [(v, idx[HBA1C], float(x), -1) for v, x in enumerate(baseline[1:], start=1)]
+    for v, x in zip(rerecords.visit, latent.hba1c(vocab, rerecords.noise), strict=True):
+        rows += early_signals(int(v), latent, float(x), vocab)
     rows += [
         (plan.prediction_visit + 1, idx[task.outcome_code], np.nan, -1)
         for name, task in TASKS.items()
